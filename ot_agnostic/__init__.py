@@ -1,0 +1,31 @@
+"""ot_agnostic: scalable optimal transport on the arrays you already have.
+
+Importing this package imports no array framework: torch, CuPy, pykeops and
+numba.cuda are only loaded by the plugins that need them.
+"""
+
+from .backends import Method, PluginId
+from .divergences import (
+    energy_distance,
+    gaussian_mmd,
+    hausdorff_divergence,
+    laplacian_mmd,
+    sinkhorn,
+    sinkhorn_divergence,
+)
+from .sinkhorn import SinkhornResult, epsilon_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Method",
+    "PluginId",
+    "SinkhornResult",
+    "energy_distance",
+    "epsilon_schedule",
+    "gaussian_mmd",
+    "hausdorff_divergence",
+    "laplacian_mmd",
+    "sinkhorn",
+    "sinkhorn_divergence",
+]

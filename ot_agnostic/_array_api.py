@@ -1,0 +1,89 @@
+"""Namespace, device and small numerical helpers over ``array_api_compat``.
+
+Nothing here imports a framework: array types are recognised through
+``array_api_compat``, which only looks at modules that are already imported.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+
+def array_namespace(*arrays):
+    """Return the Array API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises a ``TypeError`` that names the offending types when the inputs are not
+    arrays or come from different array libraries.
+    """
+    present = [arr for arr in arrays if arr is not None]
+    for arr in present:
+        if not array_api_compat.is_array_api_obj(arr):
+            raise TypeError(
+                f"expected an array (NumPy, torch, CuPy or any Array API library), got "
+                f"{type(arr).__name__}. Wrap lists and scalars first, e.g. numpy.asarray(...)."
+            )
+    try:
+        return array_api_compat.array_namespace(*present)
+    except TypeError as err:
+        kinds = sorted({f"{type(arr).__module__}.{type(arr).__name__}" for arr in present})
+        raise TypeError(
+            f"all arrays must come from the same array library, got {', '.join(kinds)}. "
+            "Convert them to one library first (e.g. torch.as_tensor or numpy.asarray)."
+        ) from err
+
+
+def device_of(x):
+    """Device of ``x`` as reported by ``array_api_compat.device``."""
+    return array_api_compat.device(x)
+
+
+def check_same_device(*arrays) -> None:
+    """Raise ``ValueError`` if the arrays do not all live on one device."""
+    present = [arr for arr in arrays if arr is not None]
+    devices = [device_of(arr) for arr in present]
+    if any(dev != devices[0] for dev in devices[1:]):
+        raise ValueError(
+            f"all arrays must be on the same device, got {sorted({str(d) for d in devices})}. "
+            "Move them to one device first (e.g. tensor.to(device))."
+        )
+
+
+def requires_grad(x) -> bool:
+    """True when ``x`` is an autograd array that records gradients (torch today)."""
+    return bool(getattr(x, "requires_grad", False)) and array_api_compat.is_torch_array(x)
+
+
+def stop_gradient(x):
+    """``x`` cut from the autograd graph (a no-op for libraries without autograd)."""
+    if array_api_compat.is_torch_array(x):
+        return x.detach()
+    return x
+
+
+def logsumexp(values, *, axis: int, xp):
+    """Stable ``log(sum(exp(values), axis))``; rows that are all ``-inf`` give ``-inf``."""
+    vmax = xp.max(values, axis=axis, keepdims=True)
+    vmax = xp.where(xp.isfinite(vmax), vmax, xp.zeros_like(vmax))
+    total = xp.sum(xp.exp(values - vmax), axis=axis, keepdims=True)
+    return xp.squeeze(xp.log(total) + vmax, axis=axis)
+
+
+def safe_log(w, *, xp, floor: float = -100000.0):
+    """``log(w)`` where ``w > 0`` and ``floor`` where ``w == 0`` (no warning, no ``-inf``).
+
+    The floor matches GeomLoss's convention for empty bins, so that zero weights
+    simply drop out of every log-sum-exp.
+    """
+    positive = w > 0
+    return xp.where(positive, xp.log(xp.where(positive, w, xp.ones_like(w))), floor)
+
+
+def safe_sqrt(z, *, xp):
+    """``sqrt(max(z, 0))`` whose autograd derivative is 0 (not ``inf``/NaN) at ``z <= 0``."""
+    positive = z > 0
+    return xp.where(positive, xp.sqrt(xp.where(positive, z, xp.ones_like(z))), xp.zeros_like(z))
+
+
+def to_float(x) -> float:
+    """A 0-d array (any library, any device) as a Python float."""
+    return float(stop_gradient(x))

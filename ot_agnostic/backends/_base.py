@@ -1,0 +1,66 @@
+"""What the engine needs from a backend: ids, the algorithm enum, and the geometry contract."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Protocol
+
+
+class Method(str, Enum):
+    """The algorithm a user selects with ``backend=``."""
+
+    AUTO = "auto"
+    TENSORIZED = "tensorized"
+    ONLINE = "online"
+    MULTISCALE = "multiscale"
+
+    @classmethod
+    def parse(cls, value) -> "Method":
+        """Map a user string (or a ``Method``) onto the enum, with a clear error otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            options = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"unknown backend {value!r}: choose one of {options}.") from None
+
+
+class PluginId(str, Enum):
+    """The compute plugins; one is picked per call from the input array type."""
+
+    ARRAY_API = "array_api"
+    NUMBA = "numba"
+    NUMBA_CUDA = "numba_cuda"
+    KEOPS = "keops"
+
+
+class Geometry(Protocol):
+    """Two batched point clouds ``x (B, N, D)``, ``y (B, M, D)`` and a cost, ready for reductions."""
+
+    shape: tuple[int, int, int]  # (B, N, M)
+
+    def softmin(self, eps: float, h) -> Any:
+        """``-eps * log sum_j exp(h_j - C(x_i, y_j) / eps)``, a ``(B, N)`` array."""
+
+    def kernel_sum(self, kernel, v) -> Any:
+        """``sum_j k(x_i, y_j) v_j``, a ``(B, N)`` array."""
+
+    def cost_rows(self, start: int, stop: int) -> Any:
+        """The ``(B, stop - start, M)`` block ``C(x_i, y_j)`` for ``start <= i < stop``."""
+
+    def transpose(self) -> "Geometry":
+        """The same geometry with the roles of ``x`` and ``y`` swapped."""
+
+
+class Plugin(Protocol):
+    """A compute backend: builds geometries for the arrays it supports."""
+
+    id: PluginId
+
+    def supports(self, xp, x, method: Method) -> bool:
+        """Whether this plugin can run ``method`` on arrays like ``x``."""
+
+    def resolve(self, method: Method, shape: tuple[int, int, int, int]) -> Method:
+        """The concrete method (``TENSORIZED``/``ONLINE``) used for ``AUTO`` at this ``(B, N, M, D)``."""
+
+    def geometry(self, x, y, cost, method: Method, *, xp) -> Geometry:
+        """A :class:`Geometry` for ``x``, ``y`` under ``cost`` with a concrete ``method``."""

@@ -1,0 +1,276 @@
+"""The one Sinkhorn loop: eps-scaling, debiasing, unbalanced damping, final extrapolation.
+
+Written once against the Array API. It never imports a framework and never branches on a
+library name: all the heavy lifting goes through ``Geometry.softmin``, provided by a
+backend plugin. The algorithm follows GeomLoss's ``sinkhorn_loop`` (Feydy's thesis,
+Sec. 3.3) so that both libraries give the same numbers:
+
+* symmetric (averaged) updates ``f <- (f + softmin(g)) / 2`` at each temperature of the
+  geometric schedule ``diameter**p, ..., blur**p``;
+* one final, non-averaged "extrapolation" update at ``eps = blur**p``: it is the only
+  step that sees autograd-tracked inputs, so gradients follow from the envelope theorem
+  and never from differentiating through the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ._array_api import requires_grad, safe_log, stop_gradient, to_float
+
+
+class Potentials(NamedTuple):
+    """Dual potentials of ``OT(a, b)`` (``f_ba`` on x, ``g_ab`` on y) and of the debiasing terms."""
+
+    f_ba: Any
+    g_ab: Any
+    f_aa: Any = None
+    g_bb: Any = None
+
+
+class Geometries(NamedTuple):
+    """The four cost "kernels" of the debiased problem (``xx``, ``yy`` are ``None`` without debias)."""
+
+    xy: Any
+    yx: Any
+    xx: Any = None
+    yy: Any = None
+
+
+def max_diameter(x, y, *, xp) -> float:
+    """Length of the diagonal of the bounding box of ``x`` and ``y`` (all batches together)."""
+    lo = xp.minimum(xp.min(x, axis=(0, 1)), xp.min(y, axis=(0, 1)))
+    hi = xp.maximum(xp.max(x, axis=(0, 1)), xp.max(y, axis=(0, 1)))
+    return to_float(xp.sqrt(xp.sum((hi - lo) ** 2)))
+
+
+def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> tuple[float, ...]:
+    """Temperatures ``diameter**p, diameter**p, (diameter * scaling)**p, ..., blur**p``.
+
+    Same list as GeomLoss (``diameter**p`` appears twice: once to initialise, once in the
+    loop). A ``diameter`` below ``blur`` gives just ``(blur**p, blur**p)``.
+
+    Examples
+    --------
+    >>> [round(e, 4) for e in epsilon_schedule(2, 1.0, 0.25, 0.5)]
+    [1.0, 1.0, 0.25, 0.0625]
+    """
+    diameter = max(diameter, blur)
+    start, stop, step = p * math.log(diameter), p * math.log(blur), p * math.log(scaling)
+    count = max(0, math.ceil((stop - start) / step))
+    return (diameter**p, *(math.exp(start + i * step) for i in range(count)), blur**p)
+
+
+def dampening(eps: float, rho: float | None) -> float:
+    """Unbalanced OT shrinks each softmin by ``1 / (1 + eps / rho)``; balanced OT (rho=None) by 1."""
+    return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
+
+
+def _sinkhorn_step(geoms: Geometries, pot: Potentials, log_a, log_b, eps, damping) -> Potentials:
+    """One parallel update of the (up to) four potentials at temperature ``eps``."""
+    f_ba = damping * geoms.xy.softmin(eps, log_b + pot.g_ab / eps)
+    g_ab = damping * geoms.yx.softmin(eps, log_a + pot.f_ba / eps)
+    if geoms.xx is None:
+        return Potentials(f_ba, g_ab)
+    f_aa = damping * geoms.xx.softmin(eps, log_a + pot.f_aa / eps)
+    g_bb = damping * geoms.yy.softmin(eps, log_b + pot.g_bb / eps)
+    return Potentials(f_ba, g_ab, f_aa, g_bb)
+
+
+def _average(old: Potentials, new: Potentials) -> Potentials:
+    return Potentials(*(None if o is None else 0.5 * (o + n) for o, n in zip(old, new)))
+
+
+def _max_change(old: Potentials, new: Potentials, *, xp) -> float:
+    return max(to_float(xp.max(xp.abs(n - o))) for o, n in zip(old, new) if o is not None)
+
+
+def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, rho, *, xp):
+    """Run eps-scaling on ``geoms``, then extrapolate once on ``final``.
+
+    ``geoms`` hold gradient-free points; ``final`` holds the points that autograd tracks
+    (each geometry tracks its first argument only, cf. the envelope theorem).
+    Returns ``(potentials, max_change)``, where ``max_change`` is the largest change of a
+    potential during the final update.
+    """
+    zeros_x = xp.zeros_like(log_a)
+    zeros_y = xp.zeros_like(log_b)
+    start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if geoms.xx is not None else ()))
+    pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
+    for eps in eps_list:
+        pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, dampening(eps, rho)))
+    eps = eps_list[-1]
+    last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
+    out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
+    return out, _max_change(last, out, xp=xp)
+
+
+def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
+    """The ``(B,)`` values of ``S_eps`` (``debias=True``) or ``OT_eps`` from the potentials.
+
+    Balanced: ``S = <a, f_ba - f_aa> + <b, g_ab - g_bb>``;
+    ``OT = <a, f_ba> + <b, g_ab> - eps (m_a - m_a m_b)``.
+    Unbalanced (Sejourne et al. 2019, Prop. 12), with ``w = rho + eps / 2``:
+    ``S = w <a, e^{-f_aa/rho} - e^{-f_ba/rho}> + w <b, e^{-g_bb/rho} - e^{-g_ab/rho}>``
+    (their definition, which includes ``+ eps/2 (m_a - m_b)^2``);
+    ``OT = w <a, 1 - e^{-f_ba/rho}> + w <b, 1 - e^{-g_ab/rho}> + eps (m_a m_b - (m_a + m_b) / 2)``.
+    """
+
+    def dot(w, f):
+        return xp.sum(w * f, axis=1)
+
+    mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
+    if rho is None:
+        if debias:
+            return dot(a, pot.f_ba - pot.f_aa) + dot(b, pot.g_ab - pot.g_bb)
+        return dot(a, pot.f_ba) + dot(b, pot.g_ab) - eps * (mass_a - mass_a * mass_b)
+    weight = rho + eps / 2
+    if debias:
+        return weight * (
+            dot(a, xp.exp(-pot.f_aa / rho) - xp.exp(-pot.f_ba / rho))
+            + dot(b, xp.exp(-pot.g_bb / rho) - xp.exp(-pot.g_ab / rho))
+        )
+    return weight * (
+        dot(a, 1 - xp.exp(-pot.f_ba / rho)) + dot(b, 1 - xp.exp(-pot.g_ab / rho))
+    ) + eps * (mass_a * mass_b - (mass_a + mass_b) / 2)
+
+
+#: ``SinkhornResult.plan()`` refuses to build dense plans with more entries than this.
+DENSE_PLAN_MAX_ENTRIES = 10**8
+
+
+@dataclass(frozen=True)
+class SinkhornResult:
+    """What :func:`ot_agnostic.sinkhorn` computed.
+
+    Attributes
+    ----------
+    value : the divergence ``S_eps`` (``debias=True``) or ``OT_eps``, 0-d or ``(B,)``.
+    f, g : the potentials ``f_ba`` (on x) and ``g_ab`` (on y) of ``OT_eps(a, b)``.
+    f_aa, g_bb : the potentials of ``OT_eps(a, a)`` and ``OT_eps(b, b)`` (``None`` without debias).
+    eps_schedule : the temperatures used, from ``diameter**p`` down to ``eps = blur**p``.
+    n_iter : the number of eps-scaling iterations (one final extrapolation step follows).
+    max_change : the largest change of a potential during the final step (a convergence measure).
+    eps, rho : the final temperature and the marginal penalty (``None`` for balanced OT).
+    backend : the plugin and the method that ran, e.g. ``"array_api/tensorized"``.
+    """
+
+    value: Any
+    f: Any
+    g: Any
+    f_aa: Any
+    g_bb: Any
+    eps_schedule: tuple
+    n_iter: int
+    max_change: float
+    eps: float
+    rho: float | None
+    backend: str
+    _plan_geometry: Any = field(repr=False)
+    _log_a: Any = field(repr=False)
+    _log_b: Any = field(repr=False)
+    _f: Any = field(repr=False)
+    _g: Any = field(repr=False)
+    _batched: bool = field(repr=False)
+    _xp: Any = field(repr=False)
+
+    @property
+    def plan_shape(self) -> tuple[int, ...]:
+        """Shape of the transport plan: ``(N, M)`` or ``(B, N, M)``."""
+        B, N, M = self._plan_geometry.shape
+        return (B, N, M) if self._batched else (N, M)
+
+    def plan_rows(self, start: int = 0, stop: int | None = None):
+        """Rows ``start:stop`` of the plan ``pi_ij = a_i b_j exp((f_i + g_j - C(x_i, y_j)) / eps)``.
+
+        Computed from the potentials; costs ``O((stop - start) * M)`` memory.
+        """
+        xp = self._xp
+        N = self._plan_geometry.shape[1]
+        stop = N if stop is None else stop
+        if not 0 <= start <= stop <= N:
+            raise IndexError(f"plan rows {start}:{stop} are out of range for N={N}.")
+        cost = stop_gradient(self._plan_geometry.cost_rows(start, stop))
+        log_pi = (
+            (self._log_a[:, start:stop] + self._f[:, start:stop] / self.eps)[:, :, None]
+            + (self._log_b + self._g / self.eps)[:, None, :]
+            - cost / self.eps
+        )
+        block = xp.exp(log_pi)
+        return block if self._batched else block[0, ...]
+
+    def plan_blocks(self, rows: int | None = None):
+        """Iterate over ``(start, stop, plan_rows(start, stop))`` in blocks of ``rows`` rows."""
+        B, N, M = self._plan_geometry.shape
+        rows = rows or max(1, 2**20 // max(1, B * M))
+        for start in range(0, N, rows):
+            stop = min(N, start + rows)
+            yield start, stop, self.plan_rows(start, stop)
+
+    def plan(self, max_entries: int = DENSE_PLAN_MAX_ENTRIES):
+        """The dense transport plan, refused with a clear error above ``max_entries`` entries."""
+        entries = math.prod(self.plan_shape)
+        if entries > max_entries:
+            raise MemoryError(
+                f"the dense plan would have {entries:,} entries (shape {self.plan_shape}), above "
+                f"max_entries={max_entries:,}. Use plan_blocks() or plan_rows() to stream it, or "
+                "raise max_entries if you have the memory."
+            )
+        return self.plan_rows(0, None)
+
+
+def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) -> SinkhornResult:
+    """Run the debiased (or not) Sinkhorn algorithm on validated measures; see ``ot_agnostic.sinkhorn``."""
+    xp = measures.xp
+    x, y, a, b = measures.x, measures.y, measures.a, measures.b
+    p = cost.p
+    if diameter is None:
+        diameter = max_diameter(stop_gradient(x), stop_gradient(y), xp=xp)
+    eps_list = epsilon_schedule(p, diameter, blur, scaling)
+    eps = eps_list[-1]
+    rho = None if reach is None else reach**p
+
+    plugin, method = selection.plugin, selection.method
+
+    def build(x1, x2):
+        return plugin.geometry(x1, x2, cost, method, xp=xp)
+
+    x0, y0 = stop_gradient(x), stop_gradient(y)
+    xy0 = build(x0, y0)
+    loop = Geometries(xy0, xy0.transpose(), *((build(x0, x0), build(y0, y0)) if debias else ()))
+    if any(requires_grad(t) for t in (x, y)):
+        final = Geometries(
+            build(x, y0), build(y, x0), *((build(x, x0), build(y, y0)) if debias else ())
+        )
+    else:
+        final = loop
+    log_a = safe_log(stop_gradient(a), xp=xp)
+    log_b = safe_log(stop_gradient(b), xp=xp)
+    pot, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp)
+    value = sinkhorn_cost(eps, rho, a, b, pot, debias=debias, xp=xp)
+
+    def out(v):
+        return None if v is None else measures.unbatch(v)
+
+    return SinkhornResult(
+        value=out(value),
+        f=out(pot.f_ba),
+        g=out(pot.g_ab),
+        f_aa=out(pot.f_aa),
+        g_bb=out(pot.g_bb),
+        eps_schedule=eps_list,
+        n_iter=len(eps_list),
+        max_change=change,
+        eps=eps,
+        rho=rho,
+        backend=str(selection),
+        _plan_geometry=xy0,
+        _log_a=log_a,
+        _log_b=log_b,
+        _f=stop_gradient(pot.f_ba),
+        _g=stop_gradient(pot.g_ab),
+        _batched=measures.batched,
+        _xp=xp,
+    )
