@@ -116,25 +116,35 @@ def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
     ``S = w <a, e^{-f_aa/rho} - e^{-f_ba/rho}> + w <b, e^{-g_bb/rho} - e^{-g_ab/rho}>``
     (their definition, which includes ``+ eps/2 (m_a - m_b)^2``);
     ``OT = w <a, 1 - e^{-f_ba/rho}> + w <b, 1 - e^{-g_ab/rho}> + eps (m_a m_b - (m_a + m_b) / 2)``.
+    Autograd sees the envelope-theorem gradient: in the unbalanced case that is the same
+    expression with ``w = rho + eps`` and ``eps (m_a m_b - m_a - m_b)``.
     """
-
-    def dot(w, f):
-        return xp.sum(w * f, axis=1)
-
     mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
     if rho is None:
         if debias:
-            return dot(a, pot.f_ba - pot.f_aa) + dot(b, pot.g_ab - pot.g_bb)
-        return dot(a, pot.f_ba) + dot(b, pot.g_ab) - eps * (mass_a - mass_a * mass_b)
-    weight = rho + eps / 2
+            return _dot(a, pot.f_ba - pot.f_aa, xp) + _dot(b, pot.g_ab - pot.g_bb, xp)
+        return _dot(a, pot.f_ba, xp) + _dot(b, pot.g_ab, xp) - eps * (mass_a - mass_a * mass_b)
+    value = _unbalanced_cost(rho + eps / 2, 0.5, eps, rho, a, b, pot, debias, xp)
+    if not any(requires_grad(t) for t in (a, b, pot.f_ba, pot.g_ab)):
+        return value
+    gradient_form = _unbalanced_cost(rho + eps, 1.0, eps, rho, a, b, pot, debias, xp)
+    return stop_gradient(value) + (gradient_form - stop_gradient(gradient_form))
+
+
+def _dot(w, f, xp):
+    return xp.sum(w * f, axis=1)
+
+
+def _unbalanced_cost(weight, mass_coef, eps, rho, a, b, pot, debias, xp):
     if debias:
         return weight * (
-            dot(a, xp.exp(-pot.f_aa / rho) - xp.exp(-pot.f_ba / rho))
-            + dot(b, xp.exp(-pot.g_bb / rho) - xp.exp(-pot.g_ab / rho))
+            _dot(a, xp.exp(-pot.f_aa / rho) - xp.exp(-pot.f_ba / rho), xp)
+            + _dot(b, xp.exp(-pot.g_bb / rho) - xp.exp(-pot.g_ab / rho), xp)
         )
+    mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
     return weight * (
-        dot(a, 1 - xp.exp(-pot.f_ba / rho)) + dot(b, 1 - xp.exp(-pot.g_ab / rho))
-    ) + eps * (mass_a * mass_b - (mass_a + mass_b) / 2)
+        _dot(a, 1 - xp.exp(-pot.f_ba / rho), xp) + _dot(b, 1 - xp.exp(-pot.g_ab / rho), xp)
+    ) + eps * (mass_a * mass_b - mass_coef * (mass_a + mass_b))
 
 
 #: ``SinkhornResult.plan()`` refuses to build dense plans with more entries than this.
@@ -173,21 +183,20 @@ class SinkhornResult:
     _log_b: Any = field(repr=False)
     _f: Any = field(repr=False)
     _g: Any = field(repr=False)
-    _batched: bool = field(repr=False)
-    _xp: Any = field(repr=False)
+    _measures: Any = field(repr=False)
 
     @property
     def plan_shape(self) -> tuple[int, ...]:
         """Shape of the transport plan: ``(N, M)`` or ``(B, N, M)``."""
         B, N, M = self._plan_geometry.shape
-        return (B, N, M) if self._batched else (N, M)
+        return (B, N, M) if self._measures.batched else (N, M)
 
     def plan_rows(self, start: int = 0, stop: int | None = None):
         """Rows ``start:stop`` of the plan ``pi_ij = a_i b_j exp((f_i + g_j - C(x_i, y_j)) / eps)``.
 
         Computed from the potentials; costs ``O((stop - start) * M)`` memory.
         """
-        xp = self._xp
+        xp = self._measures.xp
         N = self._plan_geometry.shape[1]
         stop = N if stop is None else stop
         if not 0 <= start <= stop <= N:
@@ -198,8 +207,7 @@ class SinkhornResult:
             + (self._log_b + self._g / self.eps)[:, None, :]
             - cost / self.eps
         )
-        block = xp.exp(log_pi)
-        return block if self._batched else block[0, ...]
+        return self._measures.unbatch(xp.exp(log_pi))
 
     def plan_blocks(self, rows: int | None = None):
         """Iterate over ``(start, stop, plan_rows(start, stop))`` in blocks of ``rows`` rows."""
@@ -271,6 +279,5 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) 
         _log_b=log_b,
         _f=stop_gradient(pot.f_ba),
         _g=stop_gradient(pot.g_ab),
-        _batched=measures.batched,
-        _xp=xp,
+        _measures=measures,
     )
