@@ -12,12 +12,14 @@ from .divergences import (
     laplacian_mmd,
     sinkhorn,
     sinkhorn_divergence,
+    value_and_grad,
 )
-from .sinkhorn import SinkhornResult, epsilon_schedule
+from .sinkhorn import Gradients, SinkhornResult, epsilon_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Gradients",
     "Method",
     "PluginId",
     "SinkhornResult",
@@ -28,4 +30,5 @@ __all__ = [
     "laplacian_mmd",
     "sinkhorn",
     "sinkhorn_divergence",
+    "value_and_grad",
 ]

@@ -92,8 +92,8 @@ def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, 
 
     ``geoms`` hold gradient-free points; ``final`` holds the points that autograd tracks
     (each geometry tracks its first argument only, cf. the envelope theorem).
-    Returns ``(potentials, max_change)``, where ``max_change`` is the largest change of a
-    potential during the final update.
+    Returns ``(potentials, last, max_change)``: the extrapolated potentials, the last
+    loop iterate they were computed from, and the largest change between the two.
     """
     zeros_x = xp.zeros_like(log_a)
     zeros_y = xp.zeros_like(log_b)
@@ -104,7 +104,7 @@ def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, 
     eps = eps_list[-1]
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
-    return out, _max_change(last, out, xp=xp)
+    return out, last, _max_change(last, out, xp=xp)
 
 
 def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
@@ -147,8 +147,66 @@ def _unbalanced_cost(weight, mass_coef, eps, rho, a, b, pot, debias, xp):
     ) + eps * (mass_a * mass_b - mass_coef * (mass_a + mass_b))
 
 
+class Gradients(NamedTuple):
+    """Gradients of a loss with respect to the points ``x``, ``y`` and the weights ``a``, ``b``."""
+
+    x: Any
+    y: Any
+    a: Any
+    b: Any
+
+
+def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log_a, log_b, a, b,
+                       eps, rho, *, debias: bool, xp) -> Gradients:
+    """Gradients of :func:`sinkhorn_cost` from the potentials (envelope theorem), batched.
+
+    With ``G^{ba}_i = sum_j w_ij grad_x C(x_i, y_j)``, ``w_ij = softmax_j(log b_j + g_j / eps - C_ij / eps)``
+    (the softmin of the final step, ``g`` = last loop iterate):
+    ``dS/dx_i = a_i (u^{ba}_i G^{ba}_i - u^{aa}_i G^{aa}_i)`` with ``u = 1`` (balanced) or
+    ``u = exp(-f / rho)`` (unbalanced); ``dS/da_i = f^{ba}_i - f^{aa}_i`` (balanced) or
+    ``(rho + eps)(e^{-f^{aa}_i/rho} - e^{-f^{ba}_i/rho})`` (unbalanced); the same with the roles
+    of ``(x, a)`` and ``(y, b)`` swapped. Without debias the ``aa`` terms are dropped and the
+    mass terms of :func:`sinkhorn_cost` are differentiated.
+    """
+
+    def point_grad(geom, h, mass, f_new):
+        scale = mass if rho is None else mass * xp.exp(-f_new / rho)
+        return scale[:, :, None] * geom.softmin_grad(eps, h)
+
+    grad_x = point_grad(geoms.xy, log_b + last.g_ab / eps, a, pot.f_ba)
+    grad_y = point_grad(geoms.yx, log_a + last.f_ba / eps, b, pot.g_ab)
+    if debias:
+        grad_x = grad_x - point_grad(geoms.xx, log_a + last.f_aa / eps, a, pot.f_aa)
+        grad_y = grad_y - point_grad(geoms.yy, log_b + last.g_bb / eps, b, pot.g_bb)
+    mass_a, mass_b = xp.sum(a, axis=1)[:, None], xp.sum(b, axis=1)[:, None]
+    if rho is None and debias:
+        grad_a, grad_b = pot.f_ba - pot.f_aa, pot.g_ab - pot.g_bb
+    elif rho is None:
+        grad_a = pot.f_ba - eps * (1 - mass_b)
+        grad_b = pot.g_ab + eps * mass_a
+    elif debias:
+        grad_a = (rho + eps) * (xp.exp(-pot.f_aa / rho) - xp.exp(-pot.f_ba / rho))
+        grad_b = (rho + eps) * (xp.exp(-pot.g_bb / rho) - xp.exp(-pot.g_ab / rho))
+    else:
+        grad_a = (rho + eps) * (1 - xp.exp(-pot.f_ba / rho)) + eps * (mass_b - 1)
+        grad_b = (rho + eps) * (1 - xp.exp(-pot.g_ab / rho)) + eps * (mass_a - 1)
+    return Gradients(grad_x, grad_y, grad_a, grad_b)
+
+
 #: ``SinkhornResult.plan()`` refuses to build dense plans with more entries than this.
 DENSE_PLAN_MAX_ENTRIES = 10**8
+
+
+class _SolverState(NamedTuple):
+    """What a :class:`SinkhornResult` keeps to build plans and gradients later (batched arrays)."""
+
+    measures: Any
+    geoms: Geometries
+    last: Potentials
+    pot: Potentials
+    log_a: Any
+    log_b: Any
+    debias: bool
 
 
 @dataclass(frozen=True)
@@ -178,40 +236,36 @@ class SinkhornResult:
     eps: float
     rho: float | None
     backend: str
-    _plan_geometry: Any = field(repr=False)
-    _log_a: Any = field(repr=False)
-    _log_b: Any = field(repr=False)
-    _f: Any = field(repr=False)
-    _g: Any = field(repr=False)
-    _measures: Any = field(repr=False)
+    _state: _SolverState = field(repr=False)
 
     @property
     def plan_shape(self) -> tuple[int, ...]:
         """Shape of the transport plan: ``(N, M)`` or ``(B, N, M)``."""
-        B, N, M = self._plan_geometry.shape
-        return (B, N, M) if self._measures.batched else (N, M)
+        B, N, M = self._state.geoms.xy.shape
+        return (B, N, M) if self._state.measures.batched else (N, M)
 
     def plan_rows(self, start: int = 0, stop: int | None = None):
         """Rows ``start:stop`` of the plan ``pi_ij = a_i b_j exp((f_i + g_j - C(x_i, y_j)) / eps)``.
 
         Computed from the potentials; costs ``O((stop - start) * M)`` memory.
         """
-        xp = self._measures.xp
-        N = self._plan_geometry.shape[1]
+        state = self._state
+        xp, geom = state.measures.xp, state.geoms.xy
+        N = geom.shape[1]
         stop = N if stop is None else stop
         if not 0 <= start <= stop <= N:
             raise IndexError(f"plan rows {start}:{stop} are out of range for N={N}.")
-        cost = stop_gradient(self._plan_geometry.cost_rows(start, stop))
+        f, g = stop_gradient(state.pot.f_ba), stop_gradient(state.pot.g_ab)
         log_pi = (
-            (self._log_a[:, start:stop] + self._f[:, start:stop] / self.eps)[:, :, None]
-            + (self._log_b + self._g / self.eps)[:, None, :]
-            - cost / self.eps
+            (state.log_a[:, start:stop] + f[:, start:stop] / self.eps)[:, :, None]
+            + (state.log_b + g / self.eps)[:, None, :]
+            - stop_gradient(geom.cost_rows(start, stop)) / self.eps
         )
-        return self._measures.unbatch(xp.exp(log_pi))
+        return state.measures.unbatch(xp.exp(log_pi))
 
     def plan_blocks(self, rows: int | None = None):
         """Iterate over ``(start, stop, plan_rows(start, stop))`` in blocks of ``rows`` rows."""
-        B, N, M = self._plan_geometry.shape
+        B, N, M = self._state.geoms.xy.shape
         rows = rows or max(1, 2**20 // max(1, B * M))
         for start in range(0, N, rows):
             stop = min(N, start + rows)
@@ -227,6 +281,21 @@ class SinkhornResult:
                 "raise max_entries if you have the memory."
             )
         return self.plan_rows(0, None)
+
+    def gradient(self) -> Gradients:
+        """Gradients of ``value`` with respect to ``x``, ``y``, ``a``, ``b`` (envelope theorem).
+
+        No autograd needed: they come from the converged potentials (see
+        :func:`envelope_gradients`), so NumPy and CuPy users get them too. They equal what
+        torch autograd gives on ``value``.
+        """
+        state = self._state
+        m, xp = state.measures, state.measures.xp
+        grads = envelope_gradients(
+            state.geoms, state.last, state.pot, state.log_a, state.log_b,
+            stop_gradient(m.a), stop_gradient(m.b), self.eps, self.rho, debias=state.debias, xp=xp,
+        )
+        return Gradients(*(m.unbatch(stop_gradient(g)) for g in grads))
 
 
 def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) -> SinkhornResult:
@@ -256,7 +325,7 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) 
         final = loop
     log_a = safe_log(stop_gradient(a), xp=xp)
     log_b = safe_log(stop_gradient(b), xp=xp)
-    pot, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp)
+    pot, last, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp)
     value = sinkhorn_cost(eps, rho, a, b, pot, debias=debias, xp=xp)
 
     def out(v):
@@ -274,10 +343,8 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) 
         eps=eps,
         rho=rho,
         backend=str(selection),
-        _plan_geometry=xy0,
-        _log_a=log_a,
-        _log_b=log_b,
-        _f=stop_gradient(pot.f_ba),
-        _g=stop_gradient(pot.g_ab),
-        _measures=measures,
+        _state=_SolverState(
+            measures, loop, last, Potentials(*(None if v is None else stop_gradient(v) for v in pot)),
+            log_a, log_b, debias,
+        ),
     )

@@ -44,6 +44,12 @@ class Geometry(Protocol):
     def kernel_sum(self, kernel, v) -> Any:
         """``sum_j k(x_i, y_j) v_j``, a ``(B, N)`` array."""
 
+    def softmin_grad(self, eps: float, h) -> Any:
+        """``sum_j w_ij grad_x C(x_i, y_j)`` with ``w_ij = softmax_j(h_j - C_ij / eps)``: ``(B, N, D)``."""
+
+    def softmax_weighted_sum(self, eps: float, h, v) -> Any:
+        """``sum_j w_ij v_j`` for ``v (B, M, K)``: a ``(B, N, K)`` array (e.g. transport maps)."""
+
     def cost_rows(self, start: int, stop: int) -> Any:
         """The ``(B, stop - start, M)`` block ``C(x_i, y_j)`` for ``start <= i < stop``."""
 

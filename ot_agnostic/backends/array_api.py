@@ -20,43 +20,67 @@ ONLINE_BLOCK_ENTRIES = 2**20
 
 
 class _BlockReductions:
-    """Reductions over row blocks of the cost matrix; subclasses provide ``_blocks``."""
+    """Reductions over row blocks of the cost matrix.
+
+    Subclasses provide ``xp``, ``x (B, N, D)``, ``y (B, M, D)``, ``cost`` and ``_blocks()``,
+    which yields ``(start, stop, C[:, start:stop, :])``.
+    """
+
+    def _concat(self, parts):
+        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
 
     def softmin(self, eps, h):
         xp = self.xp
-        parts = [
-            -eps * logsumexp(h[:, None, :] - cost / eps, axis=2, xp=xp) for cost in self._blocks()
-        ]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        return self._concat(
+            [-eps * logsumexp(h[:, None, :] - c / eps, axis=2, xp=xp) for _, _, c in self._blocks()]
+        )
 
     def kernel_sum(self, kernel, v):
         xp = self.xp
-        parts = [
-            xp.matmul(kernel.apply(cost, xp=xp), v[:, :, None])[:, :, 0] for cost in self._blocks()
-        ]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        return self._concat(
+            [xp.matmul(kernel.apply(c, xp=xp), v[:, :, None])[:, :, 0] for _, _, c in self._blocks()]
+        )
+
+    def softmax_weighted_sum(self, eps, h, v):
+        """``sum_j w_ij v_j`` with ``w_ij = softmax_j(h_j - C_ij / eps)``; ``v`` is ``(B, M, K)``."""
+        return self._concat([self.xp.matmul(self._softmax(eps, h, c), v) for _, _, c in self._blocks()])
+
+    def softmin_grad(self, eps, h):
+        """``sum_j w_ij grad_x C(x_i, y_j)``, a ``(B, N, D)`` array (the gradient of ``softmin``)."""
+        xp = self.xp
+        parts = []
+        for start, stop, c in self._blocks():
+            w = self._softmax(eps, h, c)
+            if self.cost.p == 1:  # grad |x - y| = (x - y) / |x - y|, and 0 at x = y
+                positive = c > 0
+                w = xp.where(positive, w / xp.where(positive, c, xp.ones_like(c)), xp.zeros_like(c))
+            row_mass = xp.sum(w, axis=2)[:, :, None]
+            parts.append(self.x[:, start:stop, :] * row_mass - xp.matmul(w, self.y))
+        return self._concat(parts)
+
+    def _softmax(self, eps, h, c):
+        logits = h[:, None, :] - c / eps
+        return self.xp.exp(logits - logsumexp(logits, axis=2, xp=self.xp)[:, :, None])
 
 
 class DenseGeometry(_BlockReductions):
     """Stores the full ``(B, N, M)`` cost matrix."""
 
-    def __init__(self, cost_matrix, *, xp):
-        self.xp = xp
-        self.matrix = cost_matrix
-        self.shape = tuple(cost_matrix.shape)
-
-    @classmethod
-    def from_points(cls, x, y, cost, *, xp):
-        return cls(cost.matrix(x, y, xp=xp), xp=xp)
+    def __init__(self, x, y, cost, *, xp, matrix=None):
+        self.xp, self.x, self.y, self.cost = xp, x, y, cost
+        self.matrix = cost.matrix(x, y, xp=xp) if matrix is None else matrix
+        self.shape = tuple(self.matrix.shape)
 
     def _blocks(self):
-        yield self.matrix
+        yield 0, self.shape[1], self.matrix
 
     def cost_rows(self, start, stop):
         return self.matrix[:, start:stop, :]
 
     def transpose(self):
-        return DenseGeometry(self.xp.matrix_transpose(self.matrix), xp=self.xp)
+        return DenseGeometry(
+            self.y, self.x, self.cost, xp=self.xp, matrix=self.xp.matrix_transpose(self.matrix)
+        )
 
 
 class OnlineGeometry(_BlockReductions):
@@ -73,7 +97,8 @@ class OnlineGeometry(_BlockReductions):
     def _blocks(self):
         N = self.shape[1]
         for start in range(0, N, self.block_rows):
-            yield self.cost_rows(start, min(N, start + self.block_rows))
+            stop = min(N, start + self.block_rows)
+            yield start, stop, self.cost_rows(start, stop)
 
     def cost_rows(self, start, stop):
         return self.cost.matrix(self.x[:, start:stop, :], self.y, xp=self.xp)
@@ -98,5 +123,5 @@ class ArrayAPIPlugin:
 
     def geometry(self, x, y, cost, method, *, xp):
         if method is Method.TENSORIZED:
-            return DenseGeometry.from_points(x, y, cost, xp=xp)
+            return DenseGeometry(x, y, cost, xp=xp)
         return OnlineGeometry(x, y, cost, xp=xp)
