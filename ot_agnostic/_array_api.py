@@ -68,11 +68,15 @@ def logsumexp(values, *, axis: int, xp):
     return xp.squeeze(xp.log(total) + vmax, axis=axis)
 
 
-def safe_log(w, *, xp, floor: float = -100000.0):
+#: log-weight of an empty bin: low enough that ``floor - C / eps`` never beats a real term
+#: (GeomLoss uses -1e5, which leaks once ``C / eps > 1e5``), finite so that no NaN appears.
+LOG_ZERO = -1e30
+
+
+def safe_log(w, *, xp, floor: float = LOG_ZERO):
     """``log(w)`` where ``w > 0`` and ``floor`` where ``w == 0`` (no warning, no ``-inf``).
 
-    The floor matches GeomLoss's convention for empty bins, so that zero weights
-    simply drop out of every log-sum-exp.
+    Zero weights thus drop out of every log-sum-exp.
     """
     positive = w > 0
     return xp.where(positive, xp.log(xp.where(positive, w, xp.ones_like(w))), floor)

@@ -17,7 +17,8 @@ from typing import Any
 
 from ._array_api import array_namespace, check_same_device, device_of
 
-#: Relative tolerance on ``|m(a) - m(b)|`` for balanced OT, by compute dtype width.
+#: Relative tolerance on ``|m(a) - m(b)|`` for balanced OT, by compute dtype width (in bytes);
+#: low-precision weights (float16) get ``4 * finfo.eps`` of their own dtype.
 BALANCE_RTOL = {4: 1e-4, 8: 1e-6}
 
 
@@ -103,7 +104,7 @@ def _weights(xp, w, points, name: str, pname: str, dtype, batched: bool):
             f"{(B, N, points.shape[2]) if batched else (N, points.shape[2])}: "
             f"expected weights of shape {expected}."
         )
-    if not (xp.isdtype(w.dtype, "real floating") or xp.isdtype(w.dtype, "integral")):
+    if not xp.isdtype(w.dtype, ("real floating", "integral", "bool")):
         raise TypeError(f"{name} has dtype {w.dtype}: weights must be real numbers.")
     w = xp.astype(w, dtype) if w.dtype != dtype else w
     _check_finite(xp, w, name)
@@ -146,13 +147,14 @@ def validate_measures(x, y, a=None, b=None, *, balanced: bool = False) -> Measur
     a3 = _weights(xp, a, x3, "a", "x", compute, batched)
     b3 = _weights(xp, b, y3, "b", "y", compute, batched)
     if balanced:
-        _check_balanced(xp, a3, b3)
+        given = [w.dtype for w in (a, b) if w is not None and xp.isdtype(w.dtype, "real floating")]
+        resolution = max((float(xp.finfo(dt).eps) for dt in given), default=0.0)
+        _check_balanced(xp, a3, b3, max(BALANCE_RTOL[8 if a3.dtype == xp.float64 else 4], 4 * resolution))
     return Measures(xp=xp, x=x3, y=y3, a=a3, b=b3, batched=batched, out_dtype=out)
 
 
-def _check_balanced(xp, a, b) -> None:
+def _check_balanced(xp, a, b, rtol) -> None:
     mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
-    rtol = BALANCE_RTOL[8 if a.dtype == xp.float64 else 4]
     gap = xp.abs(mass_a - mass_b) > rtol * xp.maximum(mass_a, mass_b)
     if bool(xp.any(gap)):
         raise ValueError(
@@ -166,6 +168,8 @@ def check_positive(value, name: str, *, allow_none: bool = False) -> float | Non
     """Return ``float(value)`` after checking it is a finite positive number."""
     if value is None and allow_none:
         return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive number, got {value!r}.")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -173,6 +177,21 @@ def check_positive(value, name: str, *, allow_none: bool = False) -> float | Non
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
     return number
+
+
+def check_power(length: float | None, p: int, name: str, power_name: str) -> None:
+    """``length**p`` (eps from blur, rho from reach) must be a positive, finite float."""
+    if length is None:
+        return
+    try:
+        power = length**p
+    except OverflowError:
+        power = math.inf
+    if not (0 < power < math.inf and math.isfinite(1 / power)):
+        raise ValueError(
+            f"{name}={length!r} gives {power_name} = {name}**{p} outside the floating-point range; "
+            "rescale your data so that lengths are of order 1e-100 to 1e100."
+        )
 
 
 def check_scaling(scaling) -> float:

@@ -24,6 +24,8 @@ def squared_distances(x, y, *, xp):
             diff = x[:, :, None, d] - y[:, None, :, d]
             total = diff * diff if total is None else total + diff * diff
         return total
+    center = xp.mean(y, axis=1, keepdims=True)  # shrinks |x|^2 + |y|^2 and the cancellation
+    x, y = x - center, y - center
     x_sq = xp.sum(x * x, axis=-1)[:, :, None]
     y_sq = xp.sum(y * y, axis=-1)[:, None, :]
     cross = xp.matmul(x, xp.matrix_transpose(y))

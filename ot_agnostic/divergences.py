@@ -9,7 +9,7 @@ library, device and dtype. Points are ``(N, D)``/``(M, D)``, weights ``(N,)``/``
 from __future__ import annotations
 
 from ._array_api import safe_log
-from ._validation import check_p, check_positive, check_scaling, validate_measures
+from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
 from .backends import select_backend
 from .costs import Cost, Kernel
 from .sinkhorn import SinkhornResult, solve
@@ -68,6 +68,8 @@ def sinkhorn(
     p = check_p(p)
     blur = check_positive(blur, "blur")
     reach = check_positive(reach, "reach", allow_none=True)
+    check_power(blur, p, "blur", "eps")
+    check_power(reach, p, "reach", "rho")
     diameter = check_positive(diameter, "diameter", allow_none=True)
     scaling = check_scaling(scaling)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
@@ -207,6 +209,7 @@ def hausdorff_divergence(x, y, a=None, b=None, *, p=2, blur=0.05, backend="auto"
     """
     p = check_p(p)
     blur = check_positive(blur, "blur")
+    check_power(blur, p, "blur", "eps")
     m, sel = _pairwise_setup(x, y, a, b, backend)
     xp, eps, cost = m.xp, blur**p, Cost(p)
     log_a, log_b = safe_log(m.a, xp=xp), safe_log(m.b, xp=xp)

@@ -247,7 +247,10 @@ class SinkhornResult:
     def plan_rows(self, start: int = 0, stop: int | None = None):
         """Rows ``start:stop`` of the plan ``pi_ij = a_i b_j exp((f_i + g_j - C(x_i, y_j)) / eps)``.
 
-        Computed from the potentials; costs ``O((stop - start) * M)`` memory.
+        Computed from the potentials; costs ``O((stop - start) * M)`` memory. The potentials
+        come from one final update at ``eps``, so the marginals of the plan match ``a`` and
+        ``b`` only up to a factor ``exp(+-max_change / eps)``: use ``scaling`` closer to 1
+        for tighter marginals.
         """
         state = self._state
         xp, geom = state.measures.xp, state.geoms.xy
@@ -266,6 +269,8 @@ class SinkhornResult:
     def plan_blocks(self, rows: int | None = None):
         """Iterate over ``(start, stop, plan_rows(start, stop))`` in blocks of ``rows`` rows."""
         B, N, M = self._state.geoms.xy.shape
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rows must be a positive integer (rows per block), got {rows!r}.")
         rows = rows or max(1, 2**20 // max(1, B * M))
         for start in range(0, N, rows):
             stop = min(N, start + rows)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from .._array_api import logsumexp
 from ._base import Method, PluginId
 
-#: "auto" uses the dense geometry while ``B * N * M`` is at most this many entries.
+#: "auto" uses the dense geometry while ``B * max(N, M)**2`` (the largest of the four cost
+#: matrices of a debiased problem) is at most this many entries.
 DENSE_MAX_ENTRIES = 2**24
 #: The online geometry computes about this many cost entries per block.
 ONLINE_BLOCK_ENTRIES = 2**20
@@ -86,8 +87,9 @@ class DenseGeometry(_BlockReductions):
 class OnlineGeometry(_BlockReductions):
     """Recomputes the cost on blocks of rows; never holds the ``N x M`` matrix."""
 
-    def __init__(self, x, y, cost, *, xp, block_entries=ONLINE_BLOCK_ENTRIES):
+    def __init__(self, x, y, cost, *, xp, block_entries=None):
         self.xp, self.x, self.y, self.cost = xp, x, y, cost
+        block_entries = ONLINE_BLOCK_ENTRIES if block_entries is None else block_entries
         B, N, _ = x.shape
         M = y.shape[1]
         self.shape = (B, N, M)
