@@ -35,7 +35,8 @@ OT_PYTHON="$OT_VENV/bin/python"
 # `pip install -e` still rebuilds the editable wheel, which takes a few seconds and
 # briefly uninstalls the package under the feet of anyone using the same venv).
 _ot_stamp="$OT_VENV/.ot_agnostic_installed"
-_ot_key="$({ cat "$OT_ROOT/pyproject.toml"; echo "extras=$_ot_extras $OT_TORCH_SPEC root=$OT_ROOT"; } | sha256sum | cut -d' ' -f1)"
+_ot_key="$({ cat "$OT_ROOT/pyproject.toml"; echo "extras=$_ot_extras $OT_TORCH_SPEC root=$OT_ROOT"; } \
+    | { if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 256; fi; } | cut -d' ' -f1)"
 if [ "${OT_FORCE_INSTALL:-0}" = 1 ] \
     || ! grep -qx "$_ot_key" "$_ot_stamp" 2>/dev/null \
     || ! "$OT_PYTHON" -c "import torch, ot_agnostic, sys; sys.exit(not ot_agnostic.__file__.startswith('$OT_ROOT/'))" 2>/dev/null; then
