@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from ._base import Geometry, Method, Plugin, PluginId
 from .array_api import ArrayAPIPlugin
+from .numba_cpu import NumbaPlugin
 
 __all__ = ["Geometry", "Method", "Plugin", "PluginId", "Selection", "select_backend", "PLUGINS"]
 
 #: Plugins in priority order: faster, library-specific plugins go before the fallback.
-PLUGINS: list[Plugin] = [ArrayAPIPlugin()]
+PLUGINS: list[Plugin] = [NumbaPlugin(), ArrayAPIPlugin()]
 
 
 @dataclass(frozen=True)

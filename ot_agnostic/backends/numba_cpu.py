@@ -1,0 +1,128 @@
+"""The NumPy plugin: Numba CPU kernels, O(N + M) memory, parallel over rows.
+
+Picked for NumPy inputs by ``backend="auto"`` and ``"online"``. The kernels live in
+:mod:`ot_agnostic.kernels.numba_cpu` and are imported (and compiled, or loaded from the
+on-disk cache) on first use only. Threads: Numba's pool, i.e. ``NUMBA_NUM_THREADS`` or
+``numba.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import numpy as np
+
+from ..costs import Kernel
+from ._base import Method, PluginId
+
+logger = logging.getLogger("ot_agnostic")
+
+
+def load_kernels():
+    """The compiled kernel module; raises ``ImportError`` with a fix when Numba is unusable."""
+    try:
+        return importlib.import_module("ot_agnostic.kernels.numba_cpu")
+    except Exception as err:  # numba missing, or broken against this numpy/llvmlite
+        raise ImportError(
+            f"the Numba CPU backend is unavailable ({type(err).__name__}: {err}). "
+            "Reinstall it with `pip install --upgrade numba`, or pass backend='tensorized'."
+        ) from err
+
+
+class NumbaGeometry:
+    """Point clouds ``x (B, N, D)``, ``y (B, M, D)`` (NumPy) whose reductions run in Numba kernels."""
+
+    def __init__(self, x, y, cost, *, xp, kernels=None):
+        self.xp, self.cost = xp, cost
+        self.x, self.y = x, y
+        self.kernels = kernels or load_kernels()
+        B, N, _ = self.x.shape
+        self.shape = (B, N, self.y.shape[1])
+
+    def _h(self, h):
+        return np.ascontiguousarray(h, dtype=self.x.dtype)
+
+    def _kernel_kind(self, kernel: Kernel) -> int:
+        return getattr(self.kernels, f"KERNEL_{kernel.name.upper()}")
+
+    def softmin(self, eps, h):
+        out = np.empty(self.shape[:2], dtype=self.x.dtype)
+        self.kernels.softmin(self.x, self.y, self._h(h), float(eps), self.cost.p, out)
+        return out
+
+    def softmin_grad(self, eps, h):
+        out = np.empty(self.x.shape, dtype=self.x.dtype)
+        self.kernels.softmin_grad(self.x, self.y, self._h(h), float(eps), self.cost.p, out)
+        return out
+
+    def softmax_weighted_sum(self, eps, h, v):
+        v = np.ascontiguousarray(v, dtype=self.x.dtype)
+        out = np.empty(self.shape[:2] + (v.shape[2],), dtype=self.x.dtype)
+        self.kernels.softmax_weighted_sum(
+            self.x, self.y, self._h(h), float(eps), self.cost.p, v, out
+        )
+        return out
+
+    def kernel_sum(self, kernel: Kernel, v):
+        out = np.empty(self.shape[:2], dtype=self.x.dtype)
+        self.kernels.kernel_sum(
+            self.x, self.y, self._h(v), self._kernel_kind(kernel), float(kernel.blur), out
+        )
+        return out
+
+    def cost_rows(self, start, stop):
+        return self.cost.matrix(self.x[:, start:stop, :], self.y, xp=self.xp)
+
+    def transpose(self):
+        return NumbaGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
+
+
+class NumbaPlugin:
+    """Runs NumPy float32/float64 arrays through the Numba CPU kernels ("online" only)."""
+
+    id = PluginId.NUMBA
+
+    def __init__(self):
+        self._unavailable = None  # the reason, once a load failed
+
+    def supports(self, xp, x, method):
+        if method not in (Method.AUTO, Method.ONLINE) or not isinstance(x, np.ndarray):
+            return False
+        if self._unavailable is None:
+            try:
+                load_kernels()
+                self._unavailable = ""
+            except ImportError as err:
+                self._unavailable = str(err)
+                logger.warning("%s Falling back to the pure Array API backend.", err)
+        return not self._unavailable
+
+    def resolve(self, method, shape):
+        return Method.ONLINE
+
+    def geometry(self, x, y, cost, method, *, xp):
+        return NumbaGeometry(x, y, cost, xp=xp)
+
+
+def warmup(dtypes=("float32", "float64"), ps=(1, 2)) -> None:
+    """Compile (or load from the disk cache) every Numba CPU kernel for ``dtypes`` and ``ps``.
+
+    Call it once at start-up to move the first-call latency out of your timed code.
+
+    Examples
+    --------
+    >>> warmup(dtypes=("float64",), ps=(2,))  # doctest: +SKIP
+    """
+    from ..costs import Cost
+
+    for dtype in dtypes:
+        x = np.zeros((1, 2, 3), dtype=dtype)
+        h = np.zeros((1, 2), dtype=dtype)
+        for p in ps:
+            geom = NumbaGeometry(x, x, Cost(p), xp=np)
+            geom.softmin(1.0, h)
+            geom.softmin_grad(1.0, h)
+            geom.softmax_weighted_sum(1.0, h, x)
+        for name in ("energy", "gaussian", "laplacian"):
+            geom.kernel_sum(Kernel(name, 1.0), h)
