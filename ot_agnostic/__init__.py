@@ -5,6 +5,7 @@ numba.cuda are only loaded by the plugins that need them.
 """
 
 from .backends import Method, PluginId
+from .backends.numba_cpu import warmup
 from .divergences import (
     energy_distance,
     gaussian_mmd,
@@ -31,4 +32,5 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "value_and_grad",
+    "warmup",
 ]
