@@ -42,7 +42,7 @@ def geomloss(x, y, backend):
     xt = torch.from_numpy(x).requires_grad_()
     value = loss(xt, torch.from_numpy(y))
     value.backward()
-    return float(value)
+    return value.item()
 
 
 def main():
