@@ -158,7 +158,7 @@ class Gradients(NamedTuple):
 
 def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log_a, log_b, a, b,
                        eps, rho, *, debias: bool, xp) -> Gradients:
-    """Gradients of :func:`sinkhorn_cost` from the potentials (envelope theorem), batched.
+    """Gradients of ``sinkhorn_cost`` from the potentials (envelope theorem), batched.
 
     With ``G^{ba}_i = sum_j w_ij grad_x C(x_i, y_j)``, ``w_ij = softmax_j(log b_j + g_j / eps - C_ij / eps)``
     (the softmin of the final step, ``g`` = last loop iterate):
@@ -166,7 +166,7 @@ def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log
     ``u = exp(-f / rho)`` (unbalanced); ``dS/da_i = f^{ba}_i - f^{aa}_i`` (balanced) or
     ``(rho + eps)(e^{-f^{aa}_i/rho} - e^{-f^{ba}_i/rho})`` (unbalanced); the same with the roles
     of ``(x, a)`` and ``(y, b)`` swapped. Without debias the ``aa`` terms are dropped and the
-    mass terms of :func:`sinkhorn_cost` are differentiated.
+    mass terms of ``sinkhorn_cost`` are differentiated.
     """
 
     def point_grad(geom, h, mass, f_new):
@@ -291,7 +291,7 @@ class SinkhornResult:
         """Gradients of ``value`` with respect to ``x``, ``y``, ``a``, ``b`` (envelope theorem).
 
         No autograd needed: they come from the converged potentials (see
-        :func:`envelope_gradients`), so NumPy and CuPy users get them too. They equal what
+        ``envelope_gradients``), so NumPy and CuPy users get them too. They equal what
         torch autograd gives on ``value``.
         """
         state = self._state
