@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange, set_parallel_chunksize, types
+from numba import get_num_threads, njit, prange, set_num_threads, set_parallel_chunksize, types
 from numba.extending import intrinsic, overload
 
 __all__ = [
@@ -72,6 +72,9 @@ _BLOCK = 1024
 _PAD = 64
 #: Rows per parallel task.
 _ROWS_PER_TASK = 16
+#: Below this many (i, j) pairs a call runs on one thread: the work (< 0.2 ms) is then
+#: smaller than what waking the other threads costs, especially on a busy machine.
+_SERIAL_PAIRS = 2**18
 
 #: Fast-math flags of all kernels. No ``reassoc`` (it would fold ``(u + c) - c`` into ``u``
 #: and break the rounding trick of ``_exp2m``) and no ``nnan``/``ninf`` (``-inf`` is a valid
@@ -522,10 +525,14 @@ def _run(x, yT, h2, vT, fac, eps, p, mode, out, shape):
     # Hand the tasks (``_ROWS_PER_TASK`` rows each) out one at a time: a thread slowed down
     # by other processes then does fewer of them instead of making the whole call wait.
     chunksize = set_parallel_chunksize(1)
+    threads = get_num_threads()
+    if B * N * yT.shape[-1] < _SERIAL_PAIRS:
+        set_num_threads(1)
     try:
         _engine(x, yT, h2, vT, x.dtype.type(fac), float(eps), int(p), mode, res.reshape((B, N, K)))
     finally:
         set_parallel_chunksize(chunksize)
+        set_num_threads(threads)
     if res is not out:
         out[...] = res
 
