@@ -114,8 +114,9 @@ def value_and_grad(
 
     Returns ``(value, grads)`` where ``grads.x``, ``grads.y``, ``grads.a``, ``grads.b`` have the
     shapes of the inputs. By the envelope theorem they come from the converged potentials:
-    ``dS/dx_i = a_i (sum_j pi^{ab}_ij grad C(x_i, y_j) - sum_k pi^{aa}_ik grad C(x_i, x_k)) / a_i``
-    (the barycentric displacement), ``dS/da_i = f_ba(x_i) - f_aa(x_i)`` (balanced case; see
+    ``dS/dx_i = sum_j pi_ij grad_x C(x_i, y_j) - sum_k pi^{aa}_ik grad_x C(x_i, x_k)`` with the
+    entropic plans ``pi`` of ``OT(a, b)`` and ``OT(a, a)``, and ``dS/da_i = f_ba(x_i) - f_aa(x_i)``
+    (balanced case; see
     :func:`ot_agnostic.sinkhorn.envelope_gradients` for unbalanced OT). They match torch
     autograd on the same data. Arguments as in :func:`sinkhorn`.
 
