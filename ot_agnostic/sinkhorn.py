@@ -116,18 +116,22 @@ def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
     ``S = w <a, e^{-f_aa/rho} - e^{-f_ba/rho}> + w <b, e^{-g_bb/rho} - e^{-g_ab/rho}>``
     (their definition, which includes ``+ eps/2 (m_a - m_b)^2``);
     ``OT = w <a, 1 - e^{-f_ba/rho}> + w <b, 1 - e^{-g_ab/rho}> + eps (m_a m_b - (m_a + m_b) / 2)``.
-    Autograd sees the envelope-theorem gradient: in the unbalanced case that is the same
-    expression with ``w = rho + eps`` and ``eps (m_a m_b - m_a - m_b)``.
+    Autograd sees the envelope-theorem gradient: without debias, that of
+    ``<a, f_ba> + <b, g_ab> + eps (m_a m_b - m_a - m_b)`` (balanced), and in the unbalanced case
+    the expression above with ``w = rho + eps`` and ``eps (m_a m_b - m_a - m_b)``.
     """
-    mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
+    if rho is None and debias:
+        return _dot(a, pot.f_ba - pot.f_aa, xp) + _dot(b, pot.g_ab - pot.g_bb, xp)
     if rho is None:
-        if debias:
-            return _dot(a, pot.f_ba - pot.f_aa, xp) + _dot(b, pot.g_ab - pot.g_bb, xp)
-        return _dot(a, pot.f_ba, xp) + _dot(b, pot.g_ab, xp) - eps * (mass_a - mass_a * mass_b)
-    value = _unbalanced_cost(rho + eps / 2, 0.5, eps, rho, a, b, pot, debias, xp)
+        mass_a, mass_b = xp.sum(a, axis=1), xp.sum(b, axis=1)
+        dual = _dot(a, pot.f_ba, xp) + _dot(b, pot.g_ab, xp)
+        value = dual - eps * (mass_a - mass_a * mass_b)
+        gradient_form = dual + eps * (mass_a * mass_b - mass_a - mass_b)
+    else:
+        value = _unbalanced_cost(rho + eps / 2, 0.5, eps, rho, a, b, pot, debias, xp)
+        gradient_form = _unbalanced_cost(rho + eps, 1.0, eps, rho, a, b, pot, debias, xp)
     if not any(requires_grad(t) for t in (a, b, pot.f_ba, pot.g_ab)):
         return value
-    gradient_form = _unbalanced_cost(rho + eps, 1.0, eps, rho, a, b, pot, debias, xp)
     return stop_gradient(value) + (gradient_form - stop_gradient(gradient_form))
 
 
@@ -183,7 +187,7 @@ def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log
         grad_a, grad_b = pot.f_ba - pot.f_aa, pot.g_ab - pot.g_bb
     elif rho is None:
         grad_a = pot.f_ba - eps * (1 - mass_b)
-        grad_b = pot.g_ab + eps * mass_a
+        grad_b = pot.g_ab - eps * (1 - mass_a)
     elif debias:
         grad_a = (rho + eps) * (xp.exp(-pot.f_aa / rho) - xp.exp(-pot.f_ba / rho))
         grad_b = (rho + eps) * (xp.exp(-pot.g_bb / rho) - xp.exp(-pot.g_ab / rho))

@@ -1,0 +1,277 @@
+"""``SamplesLoss``: a drop-in replacement for GeomLoss's ``geomloss.SamplesLoss`` (torch).
+
+Migration: replace ``from geomloss import SamplesLoss`` by
+``from ot_agnostic.torch import SamplesLoss``. The constructor, the call forms
+``L(x, y)``, ``L(a, x, b, y)`` (also batched ``(B, N, D)`` points with ``(B, N)`` weights),
+the outputs (a 0-d or ``(B,)`` tensor; ``(F, G)`` with ``potentials=True``) and the
+numbers are those of GeomLoss 0.3.1, with these differences:
+
+* ``loss="hausdorff"`` works (GeomLoss 0.3.1 raises ``KeyError``), for ``p=1`` and ``p=2``.
+* Unbalanced OT (``reach`` not None): the values and potentials are GeomLoss's, the
+  gradients are the true ones. GeomLoss's are ``(rho + eps/2) / (rho + eps)`` times
+  smaller (``eps = blur**p``, ``rho = reach**p``), because its backward weight
+  ``rho + eps`` (Sejourne et al. 2019, Prop. 12) is never applied.
+* ``debias=False`` with total masses other than 1: we return ``OT_eps`` with its mass
+  term ``-eps <a x b, exp((f + g - C) / eps) - 1>``. GeomLoss leaves that term out.
+  With unit masses (the default uniform weights) the values are the same.
+* Not implemented yet: custom costs (``cost=``, ``kernel=``; only
+  ``C(x, y) = |x - y|^p / p`` with ``p=1`` or ``p=2``), and ``backend="multiscale"``
+  together with the cluster-label call ``L(l_x, a, x, l_y, b, y)``. Both raise
+  ``NotImplementedError``. ``truncate`` and ``cluster_scale`` are accepted and stored;
+  only the multiscale backend will use them. ``verbose`` is accepted and does nothing yet.
+
+Every input is validated: bad weights (negative, NaN, zero mass), mismatched shapes or
+devices and unequal masses for balanced OT raise errors. ``p``, the lengths and the
+backend are checked when the module is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._array_api import safe_log
+from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
+from .backends import Method, select_backend
+from .costs import Cost, Kernel
+from .divergences import (
+    energy_distance,
+    gaussian_mmd,
+    hausdorff_divergence,
+    laplacian_mmd,
+    sinkhorn,
+    sinkhorn_divergence,
+)
+
+__all__ = ["SamplesLoss"]
+
+#: The losses that ``SamplesLoss(loss=...)`` accepts.
+LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
+
+
+class SamplesLoss(torch.nn.Module):
+    r"""Distances between sampled measures: a drop-in replacement for ``geomloss.SamplesLoss``.
+
+    ``L(x, y)`` compares ``alpha = 1/N sum_i delta_{x_i}`` with ``beta = 1/M sum_j delta_{y_j}``.
+    ``L(a, x, b, y)`` uses the weights ``a``, ``b`` (``(N,)``/``(M,)``, or ``(B, N)``/``(B, M)`` for
+    batched ``(B, N, D)``/``(B, M, D)`` points; GeomLoss's ``(N, 1)`` and ``(B, N, 1)`` work too).
+    The result is a 0-d tensor, or ``(B,)`` for batched inputs, with the dtype and device of
+    the points. Gradients with respect to the points and weights flow through autograd.
+
+    Parameters
+    ----------
+    loss : "sinkhorn", "hausdorff", "energy", "gaussian" or "laplacian".
+        ``"sinkhorn"`` is :func:`ot_agnostic.sinkhorn_divergence` (``S_eps``, or ``OT_eps`` with
+        ``debias=False``); ``"hausdorff"`` is :func:`ot_agnostic.hausdorff_divergence`;
+        the kernel norms are :func:`ot_agnostic.energy_distance` (``k = -|x - y|``),
+        :func:`ot_agnostic.gaussian_mmd` (``exp(-|x - y|^2 / 2 blur^2)``) and
+        :func:`ot_agnostic.laplacian_mmd` (``exp(-|x - y| / blur)``).
+    p : 1 or 2, the ground cost ``C(x, y) = |x - y|^p / p`` (sinkhorn and hausdorff).
+    blur : length scale; ``eps = blur**p`` (sinkhorn, hausdorff), kernel width (gaussian,
+        laplacian). The energy distance ignores it.
+    reach : None (balanced OT) or a length, ``rho = reach**p`` (unbalanced sinkhorn only).
+        The kernel losses ignore it, as GeomLoss does.
+    diameter : the largest distance in the problem, the start of eps-scaling (None: estimated).
+    scaling : eps-scaling ratio in (0, 1) (sinkhorn).
+    truncate, cluster_scale : multiscale settings; stored, not used yet (no multiscale backend).
+    cost, kernel : custom costs and kernels; not supported yet (``NotImplementedError``).
+    debias : sinkhorn only: the debiased ``S_eps`` (True) or the raw ``OT_eps`` (False).
+    potentials : return the dual potentials ``(F, G)`` on ``x`` and ``y`` instead of the value:
+        ``(f_ba - f_aa, g_ab - g_bb)`` (sinkhorn, debias), ``(f_ba, g_ab)`` (sinkhorn, no debias),
+        ``(K a - K b on x, K b - K a on y)`` (kernel losses) and
+        ``(s_b - s_a on x, s_a - s_b on y)`` with the soft distances ``s`` of
+        :func:`ot_agnostic.hausdorff_divergence` (hausdorff). The value is
+        ``1/2 (<a, F> + <b, G>)`` for hausdorff and the kernel losses, and ``<a, F> + <b, G>``
+        for balanced sinkhorn with unit masses.
+        As in GeomLoss 0.3.1, ``F`` and ``G`` have shape ``(1, N)`` and ``(1, M)`` for unbatched
+        inputs, and ``(B, N)`` and ``(B, M)`` for batched inputs.
+    verbose : accepted for compatibility; no effect yet.
+    backend : "auto", "tensorized", "online" or "multiscale" (not implemented yet). Picks the
+        method; the plugin for torch tensors is chosen as for the functions of ``ot_agnostic``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ot_agnostic.torch import SamplesLoss
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> x = torch.rand(100, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    >>> y = x.detach() + torch.tensor([0.1, 0.0], dtype=torch.float64)
+    >>> loss = SamplesLoss("sinkhorn", p=2, blur=0.05)
+    >>> value = loss(x, y)
+    >>> round(value.item(), 6)  # |v|^2 / 2
+    0.005
+    >>> value.backward()
+    >>> bool(torch.allclose(x.grad.sum(dim=0), torch.tensor([-0.1, 0.0], dtype=torch.float64), atol=1e-3))
+    True
+    """
+
+    def __init__(
+        self,
+        loss="sinkhorn",
+        p=2,
+        blur=0.05,
+        reach=None,
+        diameter=None,
+        scaling=0.5,
+        truncate=5,
+        cost=None,
+        kernel=None,
+        cluster_scale=None,
+        debias=True,
+        potentials=False,
+        verbose=False,
+        backend="auto",
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            options = ", ".join(repr(name) for name in LOSSES)
+            raise ValueError(f"unknown loss {loss!r}: choose one of {options}.")
+        if cost is not None or kernel is not None:
+            which = "cost" if cost is not None else "kernel"
+            raise NotImplementedError(
+                f"custom {which}s ({which}={(cost if cost is not None else kernel)!r}) are not "
+                "supported yet: the costs are C(x, y) = |x - y|^p / p with p=1 or p=2, and the "
+                "kernels are those of loss='energy', 'gaussian' and 'laplacian'. Leave "
+                f"{which}=None and pick p (or the loss) instead."
+            )
+        p = check_p(p)
+        method = Method.parse(backend)
+        if method is Method.MULTISCALE:
+            raise NotImplementedError(
+                "backend='multiscale' is not implemented yet (truncate and cluster_scale are "
+                "kept for it); use backend='online' (O(N + M) memory) or 'auto' in the meantime."
+            )
+        if loss != "energy":
+            blur = check_positive(blur, "blur")
+        if loss in ("sinkhorn", "hausdorff"):
+            check_power(blur, p, "blur", "eps")
+        if loss == "sinkhorn":
+            reach = check_positive(reach, "reach", allow_none=True)
+            check_power(reach, p, "reach", "rho")
+            diameter = check_positive(diameter, "diameter", allow_none=True)
+            scaling = check_scaling(scaling)
+        elif loss == "hausdorff" and reach is not None:
+            raise NotImplementedError(
+                "unbalanced Hausdorff divergences (loss='hausdorff' with a reach) are not "
+                "supported yet: use reach=None, or loss='sinkhorn' with a reach."
+            )
+        self.loss = loss
+        self.backend = backend
+        self.p = p
+        self.blur = blur
+        self.reach = reach
+        self.truncate = truncate
+        self.diameter = diameter
+        self.scaling = scaling
+        self.cost = cost
+        self.kernel = kernel
+        self.cluster_scale = cluster_scale
+        self.debias = bool(debias)
+        self.potentials = bool(potentials)
+        self.verbose = verbose
+
+    def extra_repr(self) -> str:
+        keys = ["loss", "p", "blur", "reach", "diameter", "scaling", "debias", "potentials", "backend"]
+        return ", ".join(f"{key}={getattr(self, key)!r}" for key in keys)
+
+    def forward(self, *args):
+        """``L(x, y)`` or ``L(a, x, b, y)``: the loss (0-d or ``(B,)``), or ``(F, G)``."""
+        a, x, b, y = _parse_args(args)
+        if self.potentials:
+            F, G = self._potentials(x, y, a, b)
+            if x.ndim == 2:  # GeomLoss 0.3.1 returns (1, N) and (1, M) for unbatched inputs
+                F, G = F[None, :], G[None, :]
+            return F, G
+        return self._value(x, y, a, b)
+
+    # -- the two outputs ------------------------------------------------------------------
+
+    def _value(self, x, y, a, b):
+        backend = self.backend
+        if self.loss == "sinkhorn":
+            return sinkhorn_divergence(
+                x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
+                scaling=self.scaling, debias=self.debias, backend=backend,
+            )
+        if self.loss == "hausdorff":
+            return hausdorff_divergence(x, y, a, b, p=self.p, blur=self.blur, backend=backend)
+        if self.loss == "energy":
+            return energy_distance(x, y, a, b, backend=backend)
+        if self.loss == "gaussian":
+            return gaussian_mmd(x, y, a, b, blur=self.blur, backend=backend)
+        return laplacian_mmd(x, y, a, b, blur=self.blur, backend=backend)
+
+    def _potentials(self, x, y, a, b):
+        if self.loss == "sinkhorn":
+            res = sinkhorn(
+                x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
+                scaling=self.scaling, debias=self.debias, backend=self.backend,
+            )
+            if self.debias:  # Feydy's thesis, Eq. (3.209); GeomLoss returns it for reach too
+                return res.f - res.f_aa, res.g - res.g_bb
+            return res.f, res.g
+        if self.loss == "hausdorff":
+            return _hausdorff_potentials(x, y, a, b, p=self.p, blur=self.blur, backend=self.backend)
+        kernel = Kernel(self.loss, 1.0 if self.loss == "energy" else self.blur)
+        return _kernel_potentials(kernel, x, y, a, b, backend=self.backend)
+
+
+def _parse_args(args):
+    """``(a, x, b, y)`` from GeomLoss's call forms; ``a``, ``b`` are None for ``L(x, y)``."""
+    if len(args) == 2:
+        (x, y), a, b = args, None, None
+    elif len(args) == 4:
+        a, x, b, y = args
+    elif len(args) == 6:
+        raise NotImplementedError(
+            "the cluster-label call L(l_x, a, x, l_y, b, y) belongs to the multiscale backend, "
+            "which is not implemented yet: call L(a, x, b, y)."
+        )
+    else:
+        raise ValueError(
+            f"SamplesLoss takes two (x, y) or four (a, x, b, y) tensors, got {len(args)} arguments."
+        )
+    for name, value in (("a", a), ("x", x), ("b", b), ("y", y)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}; for NumPy or CuPy "
+                "arrays, call the functions of ot_agnostic (e.g. ot_agnostic.sinkhorn_divergence)."
+            )
+    return _squeeze_weights(a, x), x, _squeeze_weights(b, y), y
+
+
+def _squeeze_weights(w, points):
+    """GeomLoss accepts ``(N, 1)`` / ``(B, N, 1)`` weights: drop that trailing axis."""
+    if w is not None and w.ndim == points.ndim and w.ndim >= 2 and w.shape[-1] == 1:
+        return w[..., 0]
+    return w
+
+
+def _geometry_factory(x, y, a, b, backend):
+    """Validated measures and a function ``(x1, x2, cost) -> Geometry`` on the chosen plugin."""
+    m = validate_measures(x, y, a, b)
+    sel = select_backend(m.xp, m.x, backend, m.shape)
+
+    def geometry(x1, x2, cost):
+        return sel.plugin.geometry(x1, x2, cost, sel.method, xp=m.xp)
+
+    return m, geometry
+
+
+def _kernel_potentials(kernel: Kernel, x, y, a, b, *, backend):
+    """``(K_xx a - K_xy b, K_yy b - K_yx a)``: GeomLoss's kernel "potentials" (``k * (a - b)``)."""
+    m, geometry = _geometry_factory(x, y, a, b, backend)
+    xy = geometry(m.x, m.y, kernel.cost)
+    F = geometry(m.x, m.x, kernel.cost).kernel_sum(kernel, m.a) - xy.kernel_sum(kernel, m.b)
+    G = geometry(m.y, m.y, kernel.cost).kernel_sum(kernel, m.b) - xy.transpose().kernel_sum(kernel, m.a)
+    return m.unbatch(F), m.unbatch(G)
+
+
+def _hausdorff_potentials(x, y, a, b, *, p, blur, backend):
+    """``(s_b - s_a on x, s_a - s_b on y)`` with the soft distances of ``hausdorff_divergence``."""
+    m, geometry = _geometry_factory(x, y, a, b, backend)
+    xp, eps, cost = m.xp, blur**p, Cost(p)
+    log_a, log_b = safe_log(m.a, xp=xp), safe_log(m.b, xp=xp)
+    xy = geometry(m.x, m.y, cost)
+    F = xy.softmin(eps, log_b) - geometry(m.x, m.x, cost).softmin(eps, log_a)
+    G = xy.transpose().softmin(eps, log_a) - geometry(m.y, m.y, cost).softmin(eps, log_b)
+    return m.unbatch(F), m.unbatch(G)
