@@ -156,26 +156,6 @@ def pot():
     return pytest.importorskip("ot", reason="POT is not installed")
 
 
-@pytest.fixture(scope="module")
-def geomloss():
-    pytest.importorskip("torch", reason="GeomLoss needs torch")
-    return pytest.importorskip("geomloss", reason="GeomLoss is not installed")
-
-
-@pytest.fixture(scope="module")
-def keops(geomloss):
-    """GeomLoss' KeOps ("online") backend, skipped when KeOps cannot compile here."""
-    pytest.importorskip("pykeops", reason="pykeops is not installed")
-    import torch
-
-    try:
-        x = torch.rand(5, 2, dtype=torch.float64)
-        geomloss.SamplesLoss("sinkhorn", p=1, backend="online")(x, x + 1)
-    except Exception as err:  # pragma: no cover - depends on the machine's compiler
-        pytest.skip(f"KeOps cannot run here: {err}")
-    return geomloss
-
-
 _GEOMLOSS_CACHE: dict = {}
 
 

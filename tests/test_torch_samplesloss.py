@@ -33,21 +33,6 @@ from ot_agnostic.torch import LOSSES, SamplesLoss  # noqa: E402
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-@pytest.fixture(scope="module")
-def geomloss():
-    return pytest.importorskip("geomloss", reason="GeomLoss is not installed")
-
-
-@pytest.fixture(scope="module")
-def keops(geomloss):
-    """GeomLoss's KeOps ("online") backend, skipped when KeOps cannot compile here."""
-    pytest.importorskip("pykeops", reason="pykeops is not installed")
-    try:
-        x = torch.rand(5, 2, dtype=torch.float64)
-        geomloss.SamplesLoss("sinkhorn", p=1, backend="online")(x, x + 1)
-    except Exception as err:  # pragma: no cover - depends on the machine's compiler
-        pytest.skip(f"KeOps cannot run here: {err}")
-    return geomloss
 
 
 # ------------------------------------------------------------------------------------------
