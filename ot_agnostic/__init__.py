@@ -4,8 +4,7 @@ Importing this package imports no array framework: torch, CuPy, pykeops and
 numba.cuda are only loaded by the plugins that need them.
 """
 
-from .backends import Method, PluginId
-from .backends.numba_cpu import warmup
+from .backends import Method, PluginId, warmup
 from .divergences import (
     energy_distance,
     gaussian_mmd,

@@ -6,6 +6,8 @@ Nothing here imports a framework: array types are recognised through
 
 from __future__ import annotations
 
+import functools
+
 import array_api_compat
 
 
@@ -58,6 +60,61 @@ def stop_gradient(x):
     if array_api_compat.is_torch_array(x):
         return x.detach()
     return x
+
+
+SECOND_ORDER_MESSAGE = (
+    "ot_agnostic computes first derivatives only, so a second backward pass (create_graph=True, "
+    "then backward through the gradient: Hessians, gradient penalties) is refused: the Sinkhorn "
+    "losses' gradients come from the final Sinkhorn update (envelope theorem), whose own "
+    "derivative is not the loss's, and the KeOps reductions are first order. Use finite "
+    "differences of the gradient instead."
+)
+
+
+def first_order_only(*arrays):
+    """``arrays`` unchanged, but a second derivative through the torch tensors among them raises.
+
+    A no-op for tensors that do not require gradients and for other libraries.
+    """
+    tracked = [i for i, x in enumerate(arrays) if requires_grad(x)]
+    if not tracked:
+        return arrays
+    guarded = _first_order_guard()(*(arrays[i] for i in tracked))
+    out = list(arrays)
+    for i, x in zip(tracked, guarded):
+        out[i] = x
+    return tuple(out)
+
+
+@functools.cache
+def _first_order_guard():
+    import torch
+
+    class _Refuse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, grad, *inputs):
+            return grad.clone()
+
+        @staticmethod
+        def backward(ctx, *_):
+            raise RuntimeError(SECOND_ORDER_MESSAGE)
+
+    class _Guard(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return tuple(x.view_as(x) for x in inputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual first-order backward
+                return grads
+            # create_graph=True: each gradient becomes a node, tied to every input, whose
+            # backward raises, whichever input a second derivative is then taken against.
+            inputs = ctx.saved_tensors
+            return tuple(_Refuse.apply(grad, *inputs) for grad in grads)
+
+    return _Guard.apply
 
 
 def logsumexp(values, *, axis: int, xp):

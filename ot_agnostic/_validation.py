@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._array_api import array_namespace, check_same_device, device_of
+from ._array_api import array_namespace, check_same_device, device_of, first_order_only
 
 #: Relative tolerance on ``|m(a) - m(b)|`` for balanced OT, by compute dtype width (in bytes);
 #: low-precision weights (float16) get ``4 * finfo.eps`` of their own dtype.
@@ -150,6 +150,7 @@ def validate_measures(x, y, a=None, b=None, *, balanced: bool = False) -> Measur
         given = [w.dtype for w in (a, b) if w is not None and xp.isdtype(w.dtype, "real floating")]
         resolution = max((float(xp.finfo(dt).eps) for dt in given), default=0.0)
         _check_balanced(xp, a3, b3, max(BALANCE_RTOL[8 if a3.dtype == xp.float64 else 4], 4 * resolution))
+    x3, y3, a3, b3 = first_order_only(x3, y3, a3, b3)
     return Measures(xp=xp, x=x3, y=y3, a=a3, b=b3, batched=batched, out_dtype=out)
 
 

@@ -50,8 +50,10 @@ def sinkhorn(
         gets one (averaged) update: the default 0.5 is fast and within a few percent of the
         converged value; 0.9 to 0.99 is closer to it.
     debias : True for the Sinkhorn divergence ``S_eps``, False for the raw ``OT_eps``.
-    backend : "auto", "tensorized" (dense cost matrix), "online" (O(N + M) memory) or
-        "multiscale".
+    backend : a method, "auto", "tensorized" (dense cost matrix), "online" (O(N + M)
+        memory) or "multiscale"; or a plugin, "numba", "keops", "array_api" (it runs the
+        problem or raises why not: no fallback), or both as "plugin/method" (the form
+        ``result.backend`` reports, e.g. "keops/online").
 
     Returns
     -------

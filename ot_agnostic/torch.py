@@ -31,7 +31,7 @@ import torch
 
 from ._array_api import safe_log
 from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
-from .backends import Method, select_backend
+from .backends import Method, parse_backend, select_backend
 from .costs import Cost, Kernel
 from .divergences import (
     energy_distance,
@@ -85,8 +85,10 @@ class SamplesLoss(torch.nn.Module):
         As in GeomLoss 0.3.1, ``F`` and ``G`` have shape ``(1, N)`` and ``(1, M)`` for unbatched
         inputs, and ``(B, N)`` and ``(B, M)`` for batched inputs.
     verbose : accepted for compatibility; no effect yet.
-    backend : "auto", "tensorized", "online" or "multiscale" (not implemented yet). Picks the
-        method; the plugin for torch tensors is chosen as for the functions of ``ot_agnostic``.
+    backend : "auto", "tensorized", "online" or "multiscale" (not implemented yet), as in
+        GeomLoss; "online" runs KeOps when it works and the chunked pure Array API path
+        (with one logged warning) when it does not. ``"keops"`` (or ``"keops/online"``)
+        insists on KeOps and raises if it is unusable; see :func:`ot_agnostic.sinkhorn`.
 
     Examples
     --------
@@ -134,7 +136,7 @@ class SamplesLoss(torch.nn.Module):
                 f"{which}=None and pick p (or the loss) instead."
             )
         p = check_p(p)
-        method = Method.parse(backend)
+        _, method = parse_backend(backend)
         if method is Method.MULTISCALE:
             raise NotImplementedError(
                 "backend='multiscale' is not implemented yet (truncate and cluster_scale are "

@@ -16,7 +16,7 @@ from scipy.special import logsumexp, softmax
 
 import ot_agnostic as ota
 from ot_agnostic import backends
-from ot_agnostic.backends import Method, PluginId, select_backend
+from ot_agnostic.backends import Method, PluginId, parse_backend, select_backend
 from ot_agnostic.backends.array_api import DENSE_MAX_ENTRIES, ArrayAPIPlugin, OnlineGeometry
 from ot_agnostic.costs import EXACT_DIFFERENCE_MAX_DIM, Cost, Kernel
 
@@ -77,13 +77,92 @@ def test_tensorized_is_served_by_the_array_api_plugin_for_every_library(lib, bac
 
 
 @pytest.mark.parametrize("backend", ["auto", "online", "tensorized"])
-def test_registry_picks_the_first_plugin_that_supports_the_arrays(lib, backend):
+def test_registry_picks_the_first_plugin_that_runs_the_concrete_method(lib, backend):
+    """The first plugin that supports the request resolves "auto"; if it cannot run the method it
+    resolved to (KeOps leaves small problems to the dense geometry), the next plugin that can does."""
     xp, x = _namespace(lib)
     selection = select_backend(xp, x, backend, (1, 3, 3, 2))
     method = Method.parse(backend)
-    assert selection.plugin is next(p for p in backends.PLUGINS if p.supports(xp, x, method))
-    assert selection.method in (Method.TENSORIZED, Method.ONLINE)
+    first = next(p for p in backends.PLUGINS if p.supports(xp, x, method))
+    concrete = first.resolve(method, (1, 3, 3, 2))
+    assert selection.method is concrete in (Method.TENSORIZED, Method.ONLINE)
+    assert selection.plugin is next(p for p in backends.PLUGINS if p.supports(xp, x, concrete))
+    assert selection.plugin.supports(xp, x, selection.method)
     assert backend == "auto" or selection.method is method
+
+
+class _PicksyPlugin:
+    """A fast path that resolves "auto" to "tensorized" but only runs "online" itself."""
+
+    id = PluginId.KEOPS
+
+    def supports(self, xp, x, method):
+        return method in (Method.AUTO, Method.ONLINE)
+
+    def unsupported_error(self, xp, x, method):
+        return None if self.supports(xp, x, method) else ValueError("picksy: online only")
+
+    def resolve(self, method, shape):
+        return Method.TENSORIZED if method is Method.AUTO else method
+
+
+def test_auto_hands_a_method_the_plugin_cannot_run_to_the_next_plugin(monkeypatch):
+    picksy = _PicksyPlugin()
+    monkeypatch.setattr(backends, "PLUGINS", [picksy, ArrayAPIPlugin()])
+    xp, x = _namespace("numpy")
+    assert str(select_backend(xp, x, "auto", (1, 3, 3, 2))) == "array_api/tensorized"
+    assert select_backend(xp, x, "online", (1, 3, 3, 2)).plugin is picksy
+    # named explicitly, the plugin runs the problem with the method it can run
+    assert select_backend(xp, x, "keops", (1, 3, 3, 2)).method is Method.ONLINE
+    with pytest.raises(ValueError, match="picksy: online only"):
+        select_backend(xp, x, "keops/tensorized", (1, 3, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("auto", (None, Method.AUTO)),
+        ("online", (None, Method.ONLINE)),
+        (Method.TENSORIZED, (None, Method.TENSORIZED)),
+        ("numba", (PluginId.NUMBA, Method.AUTO)),
+        ("keops", (PluginId.KEOPS, Method.AUTO)),
+        (PluginId.ARRAY_API, (PluginId.ARRAY_API, Method.AUTO)),
+        ("array_api/tensorized", (PluginId.ARRAY_API, Method.TENSORIZED)),
+        ("keops/online", (PluginId.KEOPS, Method.ONLINE)),
+        ("numba_cuda/multiscale", (PluginId.NUMBA_CUDA, Method.MULTISCALE)),
+    ],
+)
+def test_parse_backend_accepts_methods_plugins_and_plugin_slash_method(value, expected):
+    assert parse_backend(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("gpu", r"unknown backend 'gpu': choose a method .*'auto'.*, a plugin .*'keops'.* or 'plugin/method'"),
+        ("keops/fast", r"unknown backend 'keops/fast'"),
+        ("torch/online", r"the part before '/' must be a plugin, one of 'array_api', 'keops'"),
+        ("/online", r"unknown backend '/online': the part before '/' must be a plugin"),
+        ("Keops", r"unknown backend 'Keops'"),
+    ],
+)
+def test_parse_backend_rejects_anything_else(value, match):
+    with pytest.raises(ValueError, match=match):
+        parse_backend(value)
+
+
+@pytest.mark.parametrize("value", [None, 3, b"auto", ["auto"]])
+def test_parse_backend_rejects_non_strings(value):
+    with pytest.raises(ValueError, match=r"unknown backend .*: choose a method"):
+        parse_backend(value)
+
+
+def test_array_api_by_name_runs_any_library(lib):
+    xp, x = _namespace(lib)
+    assert str(select_backend(xp, x, "array_api", (1, 3, 3, 2))) == "array_api/tensorized"
+    assert str(select_backend(xp, x, "array_api/online", (1, 3, 3, 2))) == "array_api/online"
+    with pytest.raises(ValueError, match=r"the 'array_api' backend runs 'tensorized' or 'online', not 'multiscale'"):
+        raise backends.ArrayAPIPlugin().unsupported_error(xp, x, Method.MULTISCALE)
 
 
 @pytest.mark.parametrize("backend", ["auto", "online", "tensorized"])

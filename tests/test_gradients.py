@@ -106,3 +106,24 @@ def test_translation_gradient_is_the_displacement(rng):
     _, grads = ota.value_and_grad(x, x + v, blur=0.01)
     np.testing.assert_allclose(grads.x.sum(axis=0), -v, atol=1e-4)
     np.testing.assert_allclose(grads.y.sum(axis=0), v, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "online", "array_api/online"])
+@pytest.mark.parametrize(
+    "loss", [ota.sinkhorn_divergence, ota.hausdorff_divergence, ota.energy_distance, ota.gaussian_mmd]
+)
+def test_second_derivatives_raise_a_clear_error(rng, backend, loss):
+    """First derivatives with create_graph=True are the usual ones; differentiating them raises."""
+    torch = load_library("torch")
+    x, y, a, b = (torch.tensor(t) for t in _problem(rng))
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    (plain_x, plain_a) = torch.autograd.grad(loss(x, y, a, b, backend=backend), [x, a])
+    grad_x, grad_a = torch.autograd.grad(loss(x, y, a, b, backend=backend), [x, a], create_graph=True)
+    torch.testing.assert_close(grad_x, plain_x, rtol=0, atol=0)
+    torch.testing.assert_close(grad_a, plain_a, rtol=0, atol=0)
+    for penalty in (grad_x.square().sum(), grad_a.sum()):  # Hessian-vector products, gradient penalty
+        with pytest.raises(RuntimeError, match=r"first derivatives only.*finite differences"):
+            torch.autograd.grad(penalty, [x])
+    # inputs that do not require gradients are not wrapped: nothing changes for them
+    assert loss(x.detach(), y, a.detach(), b, backend=backend).grad_fn is None

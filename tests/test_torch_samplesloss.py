@@ -293,7 +293,7 @@ def test_gradient_descent_trajectory_matches_geomloss(geomloss):
     "kwargs, error, match",
     [
         (dict(loss="wasserstein"), ValueError, "'sinkhorn', 'hausdorff', 'energy'"),
-        (dict(backend="keops"), ValueError, "'auto', 'tensorized', 'online'"),
+        (dict(backend="gpu"), ValueError, "'auto', 'tensorized', 'online'"),
         (dict(p=3), ValueError, "p must be 1 or 2"),
         (dict(p=1.5), ValueError, "p must be 1 or 2"),
         (dict(cost=lambda x, y: ((x[:, :, None] - y[:, None]) ** 2).sum(-1)), NotImplementedError, "p=1 or p=2"),
@@ -438,3 +438,17 @@ def test_import_does_not_shadow_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+@pytest.mark.parametrize("loss", ["sinkhorn", "energy"])
+def test_keops_by_name_matches_tensorized(loss):
+    """backend="keops" insists on KeOps (no silent fallback) and gives the dense numbers."""
+    pytest.importorskip("pykeops")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(30, 3, generator=gen, dtype=torch.float64)
+    y = torch.rand(20, 3, generator=gen, dtype=torch.float64)
+    mine = SamplesLoss(loss, backend="keops")(x, y)
+    ref = SamplesLoss(loss, backend="tensorized")(x, y)
+    torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="runs 'online', not 'tensorized'"):
+        SamplesLoss(loss, backend="keops/tensorized")(x, y)

@@ -296,7 +296,9 @@ def test_unknown_backend_lists_the_options(lib, name, backend):
     x, y, _, _ = as_lib(lib, *clouds())
     with pytest.raises(ValueError, match=rf"^unknown backend {re.escape(repr(backend))}") as info:
         call(name, x, y, backend=backend)
-    assert "choose one of 'auto', 'tensorized', 'online', 'multiscale'" in str(info.value)
+    message = str(info.value)
+    assert "choose a method ('auto', 'tensorized', 'online', 'multiscale')" in message
+    assert "a plugin ('array_api', 'keops', 'numba', 'numba_cuda')" in message
 
 
 @pytest.mark.parametrize("name", ALL)

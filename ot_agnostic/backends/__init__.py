@@ -11,12 +11,16 @@ from dataclasses import dataclass
 
 from ._base import Geometry, Method, Plugin, PluginId
 from .array_api import ArrayAPIPlugin
+from .keops import KeOpsPlugin
 from .numba_cpu import NumbaPlugin
 
-__all__ = ["Geometry", "Method", "Plugin", "PluginId", "Selection", "select_backend", "PLUGINS"]
+__all__ = [
+    "Geometry", "Method", "Plugin", "PluginId", "Selection", "parse_backend", "select_backend",
+    "warmup", "PLUGINS",
+]
 
 #: Plugins in priority order: faster, library-specific plugins go before the fallback.
-PLUGINS: list[Plugin] = [NumbaPlugin(), ArrayAPIPlugin()]
+PLUGINS: list[Plugin] = [NumbaPlugin(), KeOpsPlugin(), ArrayAPIPlugin()]
 
 
 @dataclass(frozen=True)
@@ -30,18 +34,98 @@ class Selection:
         return f"{self.plugin.id.value}/{self.method.value}"
 
 
+def parse_backend(value) -> tuple[PluginId | None, Method]:
+    """Split a ``backend=`` value into an optional plugin and a method.
+
+    Accepted: a method (``"auto"``, ``"tensorized"``, ``"online"``, ``"multiscale"``), a
+    plugin (``"numba"``, ``"keops"``, ``"array_api"``, ``"numba_cuda"``: that plugin, its
+    own choice of method), or both as ``"plugin/method"``, the form that results report
+    (e.g. ``"keops/online"``).
+    """
+    if isinstance(value, Method):
+        return None, value
+    if isinstance(value, PluginId):
+        return value, Method.AUTO
+    plugin_ids = sorted(plugin.value for plugin in PluginId)
+    methods = ", ".join(repr(m.value) for m in Method)
+    unknown = ValueError(
+        f"unknown backend {value!r}: choose a method ({methods}), a plugin "
+        f"({', '.join(map(repr, plugin_ids))}) or 'plugin/method' such as 'keops/online'."
+    )
+    if not isinstance(value, str):
+        raise unknown
+    plugin_part, slash, method_part = value.rpartition("/")
+    if not slash and value in plugin_ids:
+        return PluginId(value), Method.AUTO
+    if slash and plugin_part not in plugin_ids:
+        raise ValueError(
+            f"unknown backend {value!r}: the part before '/' must be a plugin, one of "
+            f"{', '.join(map(repr, plugin_ids))}."
+        )
+    try:
+        method = Method.parse(method_part)
+    except ValueError:
+        raise unknown from None
+    return (PluginId(plugin_part) if slash else None), method
+
+
 def select_backend(xp, x, backend, shape) -> Selection:
     """Pick the plugin for arrays like ``x`` (namespace ``xp``) and the method for ``backend``.
 
-    ``shape`` is ``(B, N, M, D)``; it lets ``"auto"`` choose between dense and online.
+    ``shape`` is ``(B, N, M, D)``; it lets ``"auto"`` choose between dense and online. A
+    plugin resolves ``"auto"`` to a concrete method; if it cannot run that method itself
+    (KeOps leaves small problems to the dense geometry), the next plugin that can does.
+    A plugin named explicitly runs the problem or raises why it cannot: no fallback.
     """
-    method = Method.parse(backend)
+    plugin_id, method = parse_backend(backend)
     if method is Method.MULTISCALE:
         raise NotImplementedError(
             "backend='multiscale' is not implemented yet; use backend='online' (O(N + M) memory) "
             "or 'auto' in the meantime."
         )
+    if plugin_id is not None:
+        return _select_explicit(xp, x, plugin_id, method, shape)
     for plugin in PLUGINS:
         if plugin.supports(xp, x, method):
-            return Selection(plugin, plugin.resolve(method, shape))
+            concrete = plugin.resolve(method, shape)
+            if plugin.supports(xp, x, concrete):
+                return Selection(plugin, concrete)
+            method = concrete
     raise ValueError(f"no backend supports method {method.value!r} for {type(x).__name__} arrays.")
+
+
+def _select_explicit(xp, x, plugin_id, method, shape) -> Selection:
+    plugin = next((p for p in PLUGINS if p.id is plugin_id), None)
+    if plugin is None:
+        raise NotImplementedError(f"the {plugin_id.value!r} backend is not available in this version.")
+    error = plugin.unsupported_error(xp, x, method)
+    if error is not None:
+        raise error
+    concrete = plugin.resolve(method, shape)
+    if not plugin.supports(xp, x, concrete):  # e.g. KeOps under "auto" on a small problem
+        concrete = Method.ONLINE
+    return Selection(plugin, concrete)
+
+
+def warmup(dtypes=("float32", "float64"), ps=(1, 2), *, backend="numba", dims=(3,), device="cpu") -> None:
+    """Compile (or load from the disk cache) a plugin's kernels now, out of your timed code.
+
+    ``backend="numba"`` (NumPy; every ``D`` shares one build per dtype) or ``"keops"``
+    (torch; one build per dtype, ``D`` in ``dims``, ``p`` or kernel, on ``device``).
+
+    Examples
+    --------
+    >>> import ot_agnostic as ota
+    >>> ota.warmup(dtypes=("float64",), ps=(2,))                               # doctest: +SKIP
+    >>> ota.warmup(dtypes=("float32",), backend="keops", dims=(2, 3))        # doctest: +SKIP
+    """
+    plugin_id, _ = parse_backend(backend)
+    if plugin_id is PluginId.NUMBA:
+        from .numba_cpu import warmup as numba_warmup
+
+        return numba_warmup(dtypes=dtypes, ps=ps)
+    if plugin_id is PluginId.KEOPS:
+        from .keops import warmup as keops_warmup
+
+        return keops_warmup(dtypes=dtypes, ps=ps, dims=dims, device=device)
+    raise ValueError(f"warmup knows backend='numba' and backend='keops', not {backend!r}.")

@@ -63,10 +63,37 @@ class Plugin(Protocol):
     id: PluginId
 
     def supports(self, xp, x, method: Method) -> bool:
-        """Whether this plugin can run ``method`` on arrays like ``x``."""
+        """Whether this plugin can run ``method`` on arrays like ``x`` (it may log a fallback)."""
+
+    def unsupported_error(self, xp, x, method: Method) -> Exception | None:
+        """``None`` if this plugin can run ``method`` on arrays like ``x``, else the error to raise
+        when a user asked for this plugin by name (``ImportError`` for a missing dependency)."""
 
     def resolve(self, method: Method, shape: tuple[int, int, int, int]) -> Method:
         """The concrete method (``TENSORIZED``/``ONLINE``) used for ``AUTO`` at this ``(B, N, M, D)``."""
 
     def geometry(self, x, y, cost, method: Method, *, xp) -> Geometry:
         """A :class:`Geometry` for ``x``, ``y`` under ``cost`` with a concrete ``method``."""
+
+
+def describe_arrays(x) -> str:
+    """``"torch float32 arrays on cpu"``: the words error messages use for a user's arrays."""
+    library = type(x).__module__.split(".")[0]
+    dtype = str(x.dtype).rsplit(".", 1)[-1]
+    return f"{library} {dtype} arrays on {getattr(x, 'device', 'cpu')}"
+
+
+def method_error(plugin_id: PluginId, method: Method, methods: tuple[Method, ...]) -> ValueError:
+    """The error for a plugin asked for a method it does not run."""
+    names = " or ".join(repr(m.value) for m in methods)
+    return ValueError(
+        f"the {plugin_id.value!r} backend runs {names}, not {method.value!r}; pass "
+        f"backend={method.value!r} to let ot_agnostic pick the plugin."
+    )
+
+
+def log_fallback_once(warned: set, key, error: Exception, logger) -> None:
+    """Log (once per ``key``) that a plugin is unusable and the pure Array API path takes over."""
+    if key not in warned:
+        warned.add(key)
+        logger.warning("%s Falling back to the pure Array API backend.", error)

@@ -11,7 +11,7 @@ Two geometries share one implementation of the reductions, written block by bloc
 from __future__ import annotations
 
 from .._array_api import logsumexp
-from ._base import Method, PluginId
+from ._base import Method, PluginId, method_error
 
 #: "auto" uses the dense geometry while ``B * max(N, M)**2`` (the largest of the four cost
 #: matrices of a debiased problem) is at most this many entries.
@@ -115,7 +115,11 @@ class ArrayAPIPlugin:
     id = PluginId.ARRAY_API
 
     def supports(self, xp, x, method):
-        return method in (Method.AUTO, Method.TENSORIZED, Method.ONLINE)
+        return self.unsupported_error(xp, x, method) is None
+
+    def unsupported_error(self, xp, x, method):
+        methods = (Method.AUTO, Method.TENSORIZED, Method.ONLINE)
+        return None if method in methods else method_error(self.id, method, methods[1:])
 
     def resolve(self, method, shape):
         if method is not Method.AUTO:

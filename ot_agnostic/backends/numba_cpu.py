@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from ..costs import Kernel
-from ._base import Method, PluginId
+from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -84,19 +84,31 @@ class NumbaPlugin:
     id = PluginId.NUMBA
 
     def __init__(self):
-        self._unavailable = None  # the reason, once a load failed
+        self._load_error = None  # ImportError, once a load failed
+        self._loaded = False
+        self._warned = set()
 
     def supports(self, xp, x, method):
-        if method not in (Method.AUTO, Method.ONLINE) or not isinstance(x, np.ndarray):
-            return False
-        if self._unavailable is None:
+        error = self.unsupported_error(xp, x, method)
+        if isinstance(error, ImportError):
+            log_fallback_once(self._warned, "cpu", error, logger)
+        return error is None
+
+    def unsupported_error(self, xp, x, method):
+        if method not in (Method.AUTO, Method.ONLINE):
+            return method_error(self.id, method, (Method.ONLINE,))
+        if not isinstance(x, np.ndarray):
+            return ValueError(
+                f"the 'numba' backend runs NumPy arrays, not {describe_arrays(x)}; pass "
+                "backend='auto' (or 'online') to let ot_agnostic pick the plugin."
+            )
+        if not self._loaded and self._load_error is None:
             try:
                 load_kernels()
-                self._unavailable = ""
+                self._loaded = True
             except ImportError as err:
-                self._unavailable = str(err)
-                logger.warning("%s Falling back to the pure Array API backend.", err)
-        return not self._unavailable
+                self._load_error = err
+        return self._load_error
 
     def resolve(self, method, shape):
         return Method.ONLINE

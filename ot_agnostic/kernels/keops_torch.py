@@ -1,0 +1,258 @@
+"""KeOps (pykeops) reductions on torch tensors, CPU and CUDA, with torch autograd.
+
+Every reduction is a KeOps formula over the ``N x M`` pairs: nothing of size ``N x M`` is
+ever stored, memory is ``O(B (N + M) (D + K))``. Inputs are batched: ``x (B, N, D)``,
+``y (B, M, D)``, ``h (B, M)``, ``v (B, M)`` or ``(B, M, K)``, of one floating dtype
+(float32 or float64), on one device. The ground cost is ``C(x, y) = |x - y|**p / p`` for
+``p`` in ``{1, 2}``, computed in the formula from coordinate differences (so ``C(x, x) = 0``
+exactly); its gradient at ``x = y`` is taken as 0 for ``p = 1`` (KeOps' ``Rsqrt(0) = 0``).
+
+Formulas are always built in KeOps' "batch mode" (``(B, N, 1, D)`` LazyTensors, even for
+``B = 1``), so that a batched and an unbatched call share one compiled binary. Temperatures
+and kernel widths are KeOps *parameters* (not constants): changing ``eps`` never recompiles.
+Each distinct formula (per dtype, dimension ``D``, ``p``, device type) is compiled once,
+10-20 s with g++ on a CPU, then loaded from KeOps' cache folder (``KEOPS_CACHE_FOLDER``).
+The formulas used, per dtype and ``D``:
+
+* ``softmin`` (forward): ``log sum_j exp(h_j - C_ij / eps)`` (``logsumexp`` reduction);
+* ``softmin`` (backward) and ``softmin_grad``: one ``Sum`` reduction
+  ``sum_j exp(a_i + h_j - C_ij / eps) u_j [1, grad_1 C(x_i, y_j)]`` that gives the gradient
+  with respect to ``x`` (``a = -lse``, ``u = 1``) and, run on the transposed pair, the
+  gradients with respect to ``y`` and ``h`` (``a = h``, ``h = -lse``, ``u =`` the incoming
+  gradient);
+* ``kernel_sum`` (forward): ``sum_j k(x_i, y_j) v_j``; (backward): one ``Sum`` reduction
+  ``sum_j v_j [k(x_i, y_j), k'(x_i, y_j)]`` that gives the gradient with respect to
+  ``x`` and, run on the transposed pair, those with respect to ``y`` and ``v``;
+* ``softmax_weighted_sum``: a ``sumsoftmaxweight`` reduction (differentiated by pykeops'
+  own autograd if asked to).
+
+This module imports nothing from ``ot_agnostic``. It imports torch and pykeops on first use
+(:func:`require` does it at once), so that importing it never fails, e.g. when pytest
+collects doctests on a machine without them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = [
+    "KERNELS", "kernel_sum", "require", "self_test", "softmax_weighted_sum", "softmin",
+    "softmin_grad",
+]
+
+#: The radial kernels ``k(x, y) = phi(|x - y|)`` that :func:`kernel_sum` knows.
+KERNELS = ("energy", "gaussian", "laplacian")
+
+
+# ----------------------------------------------------------------------------------------
+# Formulas
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _deps():
+    import torch
+    from pykeops.torch import LazyTensor
+
+    return torch, LazyTensor
+
+
+def require() -> None:
+    """Import torch and pykeops now; raises ``ImportError`` (or pykeops' own error) if unusable."""
+    _deps()
+
+
+def _lazy(t):
+    """``pykeops.torch.LazyTensor(t)``."""
+    return _deps()[1](t)
+
+
+def _rows(t):
+    """A ``(B, N)`` or ``(B, N, D)`` tensor as an ``i``-indexed LazyTensor."""
+    t = t if t.dim() == 3 else t[:, :, None]
+    return _lazy(t.contiguous()[:, :, None, :])
+
+
+def _cols(t):
+    """A ``(B, M)`` or ``(B, M, D)`` tensor as a ``j``-indexed LazyTensor."""
+    t = t if t.dim() == 3 else t[:, :, None]
+    return _lazy(t.contiguous()[:, None, :, :])
+
+
+def _param(value, like):
+    """A KeOps parameter (never a Python float: pykeops folds ``* 1.0`` and ``* -1.0`` into the
+    formula, which would compile a new formula for ``eps = 1``)."""
+    torch, _ = _deps()
+    return _lazy(torch.tensor([value], dtype=like.dtype, device=like.device))
+
+
+def _cost(x, y, p):
+    """The symbolic ``C(x_i, y_j)`` and ``grad_x C(x_i, y_j)`` (0 at ``x = y`` for ``p = 1``)."""
+    diff = _rows(x) - _cols(y)
+    sq = (diff**2).sum(-1)
+    if p == 2:
+        return sq / 2, diff
+    return sq.sqrt(), diff * sq.rsqrt()
+
+
+def _lse(x, y, h, eps, p):
+    """``log sum_j exp(h_j - C(x_i, y_j) / eps)``, a ``(B, N)`` tensor."""
+    cost, _ = _cost(x, y, p)
+    return (_cols(h) - cost * _param(1.0 / eps, x)).logsumexp(dim=2)[:, :, 0]
+
+
+def _weighted_cost_grads(x, y, a, h, u, eps, p):
+    """``sum_j exp(a_i + h_j - C_ij / eps) u_j [1, grad_x C(x_i, y_j)]``, a ``(B, N, 1 + D)`` tensor."""
+    cost, grad = _cost(x, y, p)
+    w = (_rows(a) + _cols(h) - cost * _param(1.0 / eps, x)).exp() * _cols(u)
+    return w.concat(w * grad).sum(dim=2)
+
+
+def _kernel(x, y, name, blur):
+    """The symbolic ``k(x_i, y_j)`` and ``grad_x k(x_i, y_j)`` of a radial kernel."""
+    diff = _rows(x) - _cols(y)
+    sq = (diff**2).sum(-1)
+    if name == "energy":  # -|x - y|
+        return -sq.sqrt(), -(diff * sq.rsqrt())
+    if name == "gaussian":  # exp(-|x - y|^2 / (2 blur^2))
+        k = (sq * _param(-0.5 / blur**2, x)).exp()
+        return k, (k * _param(-1.0 / blur**2, x)) * diff
+    if name == "laplacian":  # exp(-|x - y| / blur)
+        rate = _param(-1.0 / blur, x)
+        k = (sq.sqrt() * rate).exp()
+        return k, (k * rate) * (diff * sq.rsqrt())
+    raise ValueError(f"unknown kernel {name!r}: choose one of {', '.join(KERNELS)}.")
+
+
+def _kernel_sum(x, y, v, name, blur):
+    k, _ = _kernel(x, y, name, blur)
+    return (k * _cols(v)).sum(dim=2)[:, :, 0]
+
+
+def _kernel_values_and_grads(x, y, v, name, blur):
+    """``sum_j v_j [k(x_i, y_j), grad_x k(x_i, y_j)]``, a ``(B, N, 1 + D)`` tensor."""
+    k, grad = _kernel(x, y, name, blur)
+    vj = _cols(v)
+    return (k * vj).concat(grad * vj).sum(dim=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _autograd():
+    """The ``torch.autograd.Function`` classes (built on first use: torch is imported lazily)."""
+    torch, _ = _deps()
+    from torch.autograd.function import once_differentiable
+
+    class _Softmin(torch.autograd.Function):
+        """``-eps * log sum_j exp(h_j - C(x_i, y_j) / eps)``, differentiable in ``x``, ``y``, ``h``."""
+
+        @staticmethod
+        def forward(ctx, x, y, h, eps, p):
+            lse = _lse(x, y, h, eps, p)
+            ctx.save_for_backward(x, y, h, lse)
+            ctx.eps, ctx.p = eps, p
+            return -eps * lse
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_out):
+            x, y, h, lse = ctx.saved_tensors
+            eps, p = ctx.eps, ctx.p
+            grad_x = grad_y = grad_h = None
+            if ctx.needs_input_grad[0]:
+                # d out_i / d x_i = sum_j w_ij grad_x C(x_i, y_j),
+                # with w_ij = exp(h_j - C_ij / eps - lse_i)
+                sums = _weighted_cost_grads(x, y, -lse, h, torch.ones_like(h), eps, p)
+                grad_x = grad_out[:, :, None] * sums[:, :, 1:]
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                # d out_i / d h_j = -eps w_ij and d out_i / d y_j = w_ij grad_y C(x_i, y_j):
+                # the same reduction over i on the transposed pair, weighted by grad_out.
+                sums = _weighted_cost_grads(y, x, h, -lse, grad_out, eps, p)
+                grad_h = -eps * sums[:, :, 0]
+                grad_y = sums[:, :, 1:]
+            return grad_x, grad_y, grad_h, None, None
+
+    class _KernelSum(torch.autograd.Function):
+        """``sum_j k(x_i, y_j) v_j``, differentiable in ``x``, ``y`` and ``v``."""
+
+        @staticmethod
+        def forward(ctx, x, y, v, name, blur):
+            ctx.save_for_backward(x, y, v)
+            ctx.name, ctx.blur = name, blur
+            return _kernel_sum(x, y, v, name, blur)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_out):
+            x, y, v = ctx.saved_tensors
+            grad_x = grad_y = grad_v = None
+            if ctx.needs_input_grad[0]:
+                sums = _kernel_values_and_grads(x, y, v, ctx.name, ctx.blur)
+                grad_x = grad_out[:, :, None] * sums[:, :, 1:]
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                # k is symmetric: grad_y k(x_i, y_j) = grad_1 k(y_j, x_i), so the transposed
+                # reduction weighted by grad_out gives sum_i grad_out_i k_ij and the y-gradient.
+                sums = _kernel_values_and_grads(y, x, grad_out, ctx.name, ctx.blur)
+                grad_v = sums[:, :, 0]
+                grad_y = v[:, :, None] * sums[:, :, 1:]
+            return grad_x, grad_y, grad_v, None, None
+
+    return _Softmin, _KernelSum
+
+
+# ----------------------------------------------------------------------------------------
+# Public reductions
+# ----------------------------------------------------------------------------------------
+
+
+def softmin(x, y, h, eps: float, p: int):
+    """``-eps * log sum_j exp(h_j - C(x_i, y_j) / eps)``: ``(B, N)``; autograd in ``x``, ``y``, ``h``."""
+    return _autograd()[0].apply(x, y, h, float(eps), int(p))
+
+
+def softmin_grad(x, y, h, eps: float, p: int):
+    """``sum_j w_ij grad_x C(x_i, y_j)``, ``w_ij = softmax_j(h_j - C_ij / eps)``: ``(B, N, D)``."""
+    torch, _ = _deps()
+    eps, p = float(eps), int(p)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, h)):
+        lse = -softmin(x, y, h, eps, p) / eps  # differentiable (first order)
+    else:
+        lse = _lse(x, y, h, eps, p)
+    return _weighted_cost_grads(x, y, -lse, h, torch.ones_like(h), eps, p)[:, :, 1:]
+
+
+def softmax_weighted_sum(x, y, h, v, eps: float, p: int):
+    """``sum_j w_ij v_j`` for ``v (B, M, K)``, ``w_ij = softmax_j(h_j - C_ij / eps)``: ``(B, N, K)``."""
+    cost, _ = _cost(x, y, int(p))
+    return (_cols(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_cols(v), dim=2)
+
+
+def kernel_sum(x, y, v, name: str, blur: float):
+    """``sum_j k(x_i, y_j) v_j`` for ``v (B, M)``: ``(B, N)``; autograd in ``x``, ``y``, ``v``."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}: choose one of {', '.join(KERNELS)}.")
+    return _autograd()[1].apply(x, y, v, name, float(blur))
+
+
+def self_test(device, dtype, dim: int) -> float:
+    """Compare a tiny KeOps ``softmin`` (``p = 2``) with dense torch; return the relative error.
+
+    Compiles (or loads from the cache) the ``p = 2`` softmin formula for ``dtype`` and
+    ``dim`` on ``device``: the one an actual call on such data uses next.
+    """
+    torch, _ = _deps()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 4, dim, generator=gen, dtype=torch.float64)
+    y = torch.rand(1, 3, dim, generator=gen, dtype=torch.float64)
+    h = torch.randn(1, 3, generator=gen, dtype=torch.float64)
+    eps = 0.1
+    cost = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1) / 2
+    expected = -eps * torch.logsumexp(h[:, None, :] - cost / eps, dim=2)
+    with torch.no_grad():
+        got = softmin(*(t.to(device=device, dtype=dtype) for t in (x, y, h)), eps, 2)
+    got = got.to(device="cpu", dtype=torch.float64)
+    return float((got - expected).abs().max() / expected.abs().max())
