@@ -7,6 +7,7 @@ Nothing here imports a framework: array types are recognised through
 from __future__ import annotations
 
 import functools
+import math
 
 import array_api_compat
 
@@ -120,9 +121,19 @@ def _first_order_guard():
 def logsumexp(values, *, axis: int, xp):
     """Stable ``log(sum(exp(values), axis))``; rows that are all ``-inf`` give ``-inf``."""
     vmax = xp.max(values, axis=axis, keepdims=True)
+    all_minus_inf = vmax == -math.inf
     vmax = xp.where(xp.isfinite(vmax), vmax, xp.zeros_like(vmax))
-    total = xp.sum(xp.exp(values - vmax), axis=axis, keepdims=True)
-    return xp.squeeze(xp.log(total) + vmax, axis=axis)
+    # Terms below exp(floor) are clipped up to it: they add at most N * 1e-38 (float32) to a
+    # sum >= 1, and no denormal number is ever produced (they make CPU arithmetic ~10x slower).
+    floor = _DENORMAL_FREE_LOG[8 if values.dtype == xp.float64 else 4]
+    total = xp.sum(xp.exp(xp.clip(values - vmax, min=floor)), axis=axis, keepdims=True)
+    lse = xp.log(total) + vmax
+    lse = xp.where(all_minus_inf, xp.full_like(lse, -math.inf), lse)
+    return xp.squeeze(lse, axis=axis)
+
+
+#: log of (a little above) the smallest normal float: exp() of anything above it is normal.
+_DENORMAL_FREE_LOG = {4: -87.0, 8: -708.0}
 
 
 #: log-weight of an empty bin: low enough that ``floor - C / eps`` never beats a real term
