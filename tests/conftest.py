@@ -20,6 +20,11 @@ TOL = {"float32": 1e-4, "float64": 1e-6}
 
 os.environ.setdefault("KEOPS_CACHE_FOLDER", os.path.join(os.path.dirname(__file__), "..", ".keops_cache"))
 
+# tests/cuda_sim runs on Numba's CUDA simulator, which Numba reads from NUMBA_ENABLE_CUDASIM
+# when it is first imported: it runs in a process of its own, after the main suite
+# (scripts/test.sh: `NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim`).
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0") else ["cuda_sim"]
+
 
 def load_library(name):
     """The module for ``name``, or a pytest skip if it is not installed."""

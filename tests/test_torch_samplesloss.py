@@ -160,6 +160,22 @@ def test_sinkhorn_p2_matches_geomloss_tensorized(geomloss, dtype, setting):
     )
 
 
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[2], SETTINGS[4], SETTINGS[8]], ids=setting_id)
+def test_keops_values_potentials_and_gradients_match_geomloss(geomloss, setting):
+    """Our KeOps path (backend="keops") against GeomLoss, p=2, float64."""
+    pytest.importorskip("pykeops")
+    debias, reach, blur, scaling, weighted, batched = setting
+    data = make_data(1, weighted, batched)
+    kw = dict(p=2, blur=blur, reach=reach, scaling=scaling, debias=debias)
+    compare(
+        SamplesLoss("sinkhorn", backend="keops", **kw),
+        geomloss.SamplesLoss("sinkhorn", backend="tensorized", **kw),
+        data, "float64",
+        grad_factor=1.0 if reach is None else unbalanced_ratio(2, blur, reach),
+        skip_grads=("b",) if raw_balanced_b_gradient_is_off(debias, reach, weighted) else (),
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(

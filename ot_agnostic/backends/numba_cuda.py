@@ -1,0 +1,197 @@
+"""The CuPy plugin: Numba CUDA kernels on the GPU, O(N + M) memory, one thread per row.
+
+Runs CuPy float32/float64 arrays with up to ``MAX_DIM = 64`` coordinates through the
+kernels of :mod:`ot_agnostic.kernels.numba_cuda` ("online" only). Outputs are CuPy arrays
+allocated on the inputs' device; the kernels read and write CuPy memory in place (zero
+copy) and run on the inputs' device, on CuPy's current stream: nothing goes through the
+host. ``numba.cuda`` is imported on first use only, and a one-time self-test per device
+(a tiny softmin: it compiles a kernel, so it also catches a missing libNVVM) guards
+against a broken installation; if it fails, ``backend="auto"`` falls back to the pure
+Array API backend with one logged warning on the ``"ot_agnostic"`` logger, and
+``backend="numba_cuda"`` raises the ``ImportError`` with the fix.
+
+Kernels are compiled on first use for each reduction, ``p``, dimension ``D`` and dtype (a
+fraction of a second each).
+
+``NumbaCudaPlugin(host_arrays=True)`` also takes NumPy arrays (Numba copies them to the
+GPU and back around every launch): under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``) they run on the CPU, which is how the tests check this
+plugin end to end without a GPU.
+
+Examples
+--------
+>>> import cupy, ot_agnostic as ota                              # doctest: +SKIP
+>>> x, y = cupy.random.rand(20_000, 3), cupy.random.rand(20_000, 3)  # doctest: +SKIP
+>>> ota.sinkhorn(x, y, backend="numba_cuda").backend           # doctest: +SKIP
+'numba_cuda/online'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+
+import array_api_compat
+import numpy as np
+
+from .._array_api import device_of, to_float
+from ..costs import Cost, Kernel
+from ..kernels.numba_cuda import MAX_DIM  # plain constants: imports neither numba nor CUDA
+from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error
+
+logger = logging.getLogger("ot_agnostic")
+
+#: The self-test's tolerance on the relative error of a tiny softmin, by dtype name.
+SELF_TEST_RTOL = {"float32": 1e-5, "float64": 1e-12}
+
+_FIX = (
+    "It needs an NVIDIA driver and the CUDA compiler library libNVVM: install them with "
+    "`pip install \"numba-cuda[cu12]\"` (or `conda install -c conda-forge cuda-nvcc`), or pass "
+    "backend='tensorized' to silence this message."
+)
+
+
+def load_kernels():
+    """The CUDA kernel module; raises ``ImportError`` with a fix when ``numba.cuda`` is unusable."""
+    try:
+        kernels = importlib.import_module("ot_agnostic.kernels.numba_cuda")
+        if not kernels._cuda().is_available():
+            raise RuntimeError("numba.cuda.is_available() is False: no usable GPU or driver")
+        return kernels
+    except Exception as err:  # numba missing, no driver, ...
+        raise ImportError(
+            f"the Numba CUDA backend is unavailable ({type(err).__name__}: {err}). {_FIX}"
+        ) from err
+
+
+def _dtype_name(x) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
+class NumbaCudaGeometry:
+    """Point clouds ``x (B, N, D)``, ``y (B, M, D)`` (CuPy) whose reductions run in CUDA kernels."""
+
+    def __init__(self, x, y, cost, *, xp, kernels=None):
+        self.xp, self.cost = xp, cost
+        self.x, self.y = x, y
+        self.kernels = kernels or load_kernels()
+        B, N, _ = x.shape
+        self.shape = (B, N, y.shape[1])
+
+    @contextlib.contextmanager
+    def _stream(self):
+        """Make the inputs' device current and give the stream to launch on (CuPy's current one)."""
+        if not array_api_compat.is_cupy_array(self.x):
+            yield 0  # host arrays (tests): Numba's default stream
+            return
+        import cupy
+
+        with self.x.device:
+            yield self.kernels._cuda().external_stream(cupy.cuda.get_current_stream().ptr)
+
+    def _run(self, kernel, shape, *args):
+        """``kernel(x, y, *args, out, stream=...)`` into a new ``out`` of ``shape``."""
+        out = self.xp.empty(shape, dtype=self.x.dtype, device=device_of(self.x))
+        with self._stream() as stream:
+            kernel(self.x, self.y, *args, out, stream=stream)
+        return out
+
+    def _same_dtype(self, a):
+        return a if a.dtype == self.x.dtype else self.xp.astype(a, self.x.dtype)
+
+    def softmin(self, eps, h):
+        p = self.cost.p
+        return self._run(self.kernels.softmin, self.shape[:2], self._same_dtype(h), float(eps), p)
+
+    def softmin_grad(self, eps, h):
+        p = self.cost.p
+        return self._run(self.kernels.softmin_grad, self.x.shape, self._same_dtype(h), float(eps), p)
+
+    def softmax_weighted_sum(self, eps, h, v):
+        shape = self.shape[:2] + (v.shape[2],)
+        h, v = self._same_dtype(h), self._same_dtype(v)
+        return self._run(self.kernels.softmax_weighted_sum, shape, h, float(eps), self.cost.p, v)
+
+    def kernel_sum(self, kernel: Kernel, v):
+        kind = getattr(self.kernels, f"KERNEL_{kernel.name.upper()}")
+        return self._run(self.kernels.kernel_sum, self.shape[:2], self._same_dtype(v), kind, float(kernel.blur))
+
+    def cost_rows(self, start, stop):
+        return self.cost.matrix(self.x[:, start:stop, :], self.y, xp=self.xp)
+
+    def transpose(self):
+        return NumbaCudaGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
+
+
+class NumbaCudaPlugin:
+    """Runs CuPy float32/float64 arrays (``D <= 64``) through Numba CUDA kernels ("online" only).
+
+    ``host_arrays=True`` also accepts NumPy arrays (see the module notes: for tests).
+    """
+
+    id = PluginId.NUMBA_CUDA
+
+    def __init__(self, *, host_arrays: bool = False):
+        self.host_arrays = host_arrays
+        self._errors = {}  # device -> None (usable) or the ImportError saying why not
+        self._warned = set()
+
+    def supports(self, xp, x, method):
+        error = self.unsupported_error(xp, x, method)
+        if isinstance(error, ImportError):
+            log_fallback_once(self._warned, str(device_of(x)), error, logger)
+        return error is None
+
+    def unsupported_error(self, xp, x, method):
+        if method not in (Method.AUTO, Method.ONLINE):
+            return method_error(self.id, method, (Method.ONLINE,))
+        gpu = array_api_compat.is_cupy_array(x) or (self.host_arrays and isinstance(x, np.ndarray))
+        if not gpu or _dtype_name(x) not in SELF_TEST_RTOL:
+            return ValueError(
+                f"the 'numba_cuda' backend runs CuPy float32/float64 arrays, not "
+                f"{describe_arrays(x)}; pass backend='auto' (or 'online') to let ot_agnostic "
+                "pick the plugin."
+            )
+        if not 1 <= x.shape[-1] <= MAX_DIM:
+            return ValueError(
+                f"the 'numba_cuda' backend runs points with 1 to {MAX_DIM} coordinates, not "
+                f"{x.shape[-1]}; pass backend='auto' to let ot_agnostic pick the plugin."
+            )
+        device = str(device_of(x))
+        if device not in self._errors:
+            self._errors[device] = self._check(x, xp)
+        return self._errors[device]
+
+    def _check(self, x, xp) -> ImportError | None:
+        """``None`` when the kernels compile and pass a tiny softmin on ``x``'s device, else why not."""
+        dtype = _dtype_name(x)
+        try:
+            kernels = load_kernels()
+            D = x.shape[-1]
+            points = np.zeros((1, 2, D))
+            points[0, 1, 0] = 1.0  # y = (0, e_1), x = 0, uniform weights, eps = 1, p = 2
+            y = xp.asarray(points.astype(dtype), device=device_of(x))
+            h = xp.asarray(np.full((1, 2), math.log(0.5), dtype=dtype), device=device_of(x))
+            geom = NumbaCudaGeometry(y[:, :1, :], y, Cost(2), xp=xp, kernels=kernels)
+            value = to_float(geom.softmin(1.0, h)[0, 0])
+            expected = -math.log(0.5 + 0.5 * math.exp(-0.5))
+            error = abs(value - expected) / expected
+            if not error <= SELF_TEST_RTOL[dtype]:
+                raise RuntimeError(
+                    f"a tiny softmin on {device_of(x)} ({dtype}) is off by {error:.2e} relative"
+                )
+        except ImportError as err:
+            return err
+        except Exception as err:  # no libNVVM (compilation fails), wrong numbers, ...
+            return ImportError(
+                f"the Numba CUDA backend failed its self-test ({type(err).__name__}: {err}). {_FIX}"
+            )
+        return None
+
+    def resolve(self, method, shape):
+        return Method.ONLINE
+
+    def geometry(self, x, y, cost, method, *, xp):
+        return NumbaCudaGeometry(x, y, cost, xp=xp)
