@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ._array_api import safe_log
 from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
-from .backends import select_backend
+from .backends import Method, Selection, parse_backend, select_backend
+from .multiscale import solve_multiscale
 from .costs import Cost, Kernel
 from .sinkhorn import SinkhornResult, solve
 
@@ -27,7 +28,7 @@ __all__ = [
 
 def sinkhorn(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto",
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
 ) -> SinkhornResult:
     r"""Entropic optimal transport between ``sum_i a_i delta_{x_i}`` and ``sum_j b_j delta_{y_j}``.
 
@@ -54,6 +55,13 @@ def sinkhorn(
         memory) or "multiscale"; or a plugin, "numba", "keops", "array_api" (it runs the
         problem or raises why not: no fallback), or both as "plugin/method" (the form
         ``result.backend`` reports, e.g. "keops/online").
+    truncate : multiscale only: after the jump from the clusters to the points, the pairs of
+        clusters whose coupling ``exp((f_I + g_J - C(x_I, y_J)) / eps)`` is below
+        ``exp(-truncate)`` are skipped (GeomLoss's default, 5). Larger is more accurate.
+    cluster_scale : multiscale only: the side of the grid cells that cluster the points
+        (D <= 3). Default: GeomLoss's ``diameter / (sqrt(D) * 2000**(1/D))``, about 2000
+        cells in the bounding box; the loop leaves the clusters for the points once
+        ``eps < cluster_scale**p``.
 
     Returns
     -------
@@ -77,8 +85,15 @@ def sinkhorn(
     check_power(reach, p, "reach", "rho")
     diameter = check_positive(diameter, "diameter", allow_none=True)
     scaling = check_scaling(scaling)
+    truncate = check_positive(truncate, "truncate")
+    cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
     selection = select_backend(measures.xp, measures.x, backend, measures.shape)
+    if selection.method is Method.MULTISCALE:
+        return solve_multiscale(
+            measures, selection, Cost(p), blur=blur, reach=reach, diameter=diameter,
+            scaling=scaling, debias=bool(debias), truncate=truncate, cluster_scale=cluster_scale,
+        )
     return solve(
         measures, selection, Cost(p), blur=blur, reach=reach, diameter=diameter,
         scaling=scaling, debias=bool(debias),
@@ -87,7 +102,7 @@ def sinkhorn(
 
 def sinkhorn_divergence(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto",
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
 ):
     r"""Debiased Sinkhorn divergence ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2``.
 
@@ -104,13 +119,13 @@ def sinkhorn_divergence(
     """
     return sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
-        debias=debias, backend=backend,
+        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale,
     ).value
 
 
 def value_and_grad(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto",
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
 ):
     r"""The Sinkhorn divergence and its gradients, without autograd (NumPy, CuPy, ...).
 
@@ -132,14 +147,27 @@ def value_and_grad(
     """
     result = sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
-        debias=debias, backend=backend,
+        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale,
     )
     return result.value, result.gradient()
 
 
 def _pairwise_setup(x, y, a, b, backend):
+    """Validated measures and a plugin for the kernel norms and the soft Hausdorff divergence.
+
+    They have no multiscale form: an explicit ``"multiscale"`` is refused, and when
+    ``"auto"`` picks it for a large problem, the same plugin runs online instead.
+    """
+    if parse_backend(backend)[1] is Method.MULTISCALE:
+        raise NotImplementedError(
+            "backend='multiscale' applies to the Sinkhorn losses (sinkhorn, sinkhorn_divergence, "
+            "value_and_grad); kernel norms and the soft Hausdorff divergence use backend='online' "
+            "(O(N + M) memory) or 'auto'."
+        )
     measures = validate_measures(x, y, a, b)
     selection = select_backend(measures.xp, measures.x, backend, measures.shape)
+    if selection.method is Method.MULTISCALE:
+        selection = Selection(selection.plugin, Method.ONLINE)
     return measures, selection
 
 

@@ -15,10 +15,10 @@ numbers are those of GeomLoss 0.3.1, with these differences:
   term ``-eps <a x b, exp((f + g - C) / eps) - 1>``. GeomLoss leaves that term out.
   With unit masses (the default uniform weights) the values are the same.
 * Not implemented yet: custom costs (``cost=``, ``kernel=``; only
-  ``C(x, y) = |x - y|^p / p`` with ``p=1`` or ``p=2``), and ``backend="multiscale"``
-  together with the cluster-label call ``L(l_x, a, x, l_y, b, y)``. Both raise
-  ``NotImplementedError``. ``truncate`` and ``cluster_scale`` are accepted and stored;
-  only the multiscale backend will use them. ``verbose`` is accepted and does nothing yet.
+  ``C(x, y) = |x - y|^p / p`` with ``p=1`` or ``p=2``) and the cluster-label call
+  ``L(l_x, a, x, l_y, b, y)``; both raise ``NotImplementedError``. ``backend="multiscale"``
+  runs ``loss="sinkhorn"`` (D <= 3) with ``truncate`` and ``cluster_scale`` as in GeomLoss;
+  the other losses refuse it. ``verbose`` is accepted and does nothing yet.
 
 Every input is validated: bad weights (negative, NaN, zero mass), mismatched shapes or
 devices and unequal masses for balanced OT raise errors. ``p``, the lengths and the
@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 
 from ._array_api import safe_log
-from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
-from .backends import Method, parse_backend, select_backend
+from ._validation import check_p, check_positive, check_power, check_scaling
+from .backends import Method, parse_backend
 from .costs import Cost, Kernel
+from .divergences import _pairwise_setup
 from .divergences import (
     energy_distance,
     gaussian_mmd,
@@ -72,7 +73,7 @@ class SamplesLoss(torch.nn.Module):
         The kernel losses ignore it, as GeomLoss does.
     diameter : the largest distance in the problem, the start of eps-scaling (None: estimated).
     scaling : eps-scaling ratio in (0, 1) (sinkhorn).
-    truncate, cluster_scale : multiscale settings; stored, not used yet (no multiscale backend).
+    truncate, cluster_scale : multiscale settings (see :func:`ot_agnostic.sinkhorn`).
     cost, kernel : custom costs and kernels; not supported yet (``NotImplementedError``).
     debias : sinkhorn only: the debiased ``S_eps`` (True) or the raw ``OT_eps`` (False).
     potentials : return the dual potentials ``(F, G)`` on ``x`` and ``y`` instead of the value:
@@ -85,7 +86,7 @@ class SamplesLoss(torch.nn.Module):
         As in GeomLoss 0.3.1, ``F`` and ``G`` have shape ``(1, N)`` and ``(1, M)`` for unbatched
         inputs, and ``(B, N)`` and ``(B, M)`` for batched inputs.
     verbose : accepted for compatibility; no effect yet.
-    backend : "auto", "tensorized", "online" or "multiscale" (not implemented yet), as in
+    backend : "auto", "tensorized", "online" or "multiscale" (sinkhorn, D <= 3), as in
         GeomLoss; "online" runs KeOps when it works and the chunked pure Array API path
         (with one logged warning) when it does not. ``"keops"`` (or ``"keops/online"``)
         insists on KeOps and raises if it is unusable; see :func:`ot_agnostic.sinkhorn`.
@@ -137,11 +138,13 @@ class SamplesLoss(torch.nn.Module):
             )
         p = check_p(p)
         _, method = parse_backend(backend)
-        if method is Method.MULTISCALE:
+        if method is Method.MULTISCALE and loss != "sinkhorn":
             raise NotImplementedError(
-                "backend='multiscale' is not implemented yet (truncate and cluster_scale are "
-                "kept for it); use backend='online' (O(N + M) memory) or 'auto' in the meantime."
+                f"backend='multiscale' runs loss='sinkhorn' only, not loss={loss!r}; use "
+                "backend='online' (O(N + M) memory) or 'auto'."
             )
+        truncate = check_positive(truncate, "truncate")
+        cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
         if loss != "energy":
             blur = check_positive(blur, "blur")
         if loss in ("sinkhorn", "hausdorff"):
@@ -193,6 +196,7 @@ class SamplesLoss(torch.nn.Module):
             return sinkhorn_divergence(
                 x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
                 scaling=self.scaling, debias=self.debias, backend=backend,
+                truncate=self.truncate, cluster_scale=self.cluster_scale,
             )
         if self.loss == "hausdorff":
             return hausdorff_divergence(x, y, a, b, p=self.p, blur=self.blur, backend=backend)
@@ -207,6 +211,7 @@ class SamplesLoss(torch.nn.Module):
             res = sinkhorn(
                 x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
                 scaling=self.scaling, debias=self.debias, backend=self.backend,
+                truncate=self.truncate, cluster_scale=self.cluster_scale,
             )
             if self.debias:  # Feydy's thesis, Eq. (3.209); GeomLoss returns it for reach too
                 return res.f - res.f_aa, res.g - res.g_bb
@@ -225,8 +230,8 @@ def _parse_args(args):
         a, x, b, y = args
     elif len(args) == 6:
         raise NotImplementedError(
-            "the cluster-label call L(l_x, a, x, l_y, b, y) belongs to the multiscale backend, "
-            "which is not implemented yet: call L(a, x, b, y)."
+            "the cluster-label call L(l_x, a, x, l_y, b, y) is not supported: call L(a, x, b, y) "
+            "with backend='multiscale', which clusters the points itself (cluster_scale=...)."
         )
     else:
         raise ValueError(
@@ -250,8 +255,7 @@ def _squeeze_weights(w, points):
 
 def _geometry_factory(x, y, a, b, backend):
     """Validated measures and a function ``(x1, x2, cost) -> Geometry`` on the chosen plugin."""
-    m = validate_measures(x, y, a, b)
-    sel = select_backend(m.xp, m.x, backend, m.shape)
+    m, sel = _pairwise_setup(x, y, a, b, backend)
 
     def geometry(x1, x2, cost):
         return sel.plugin.geometry(x1, x2, cost, sel.method, xp=m.xp)

@@ -161,8 +161,7 @@ def test_array_api_by_name_runs_any_library(lib):
     xp, x = _namespace(lib)
     assert str(select_backend(xp, x, "array_api", (1, 3, 3, 2))) == "array_api/tensorized"
     assert str(select_backend(xp, x, "array_api/online", (1, 3, 3, 2))) == "array_api/online"
-    with pytest.raises(ValueError, match=r"the 'array_api' backend runs 'tensorized' or 'online', not 'multiscale'"):
-        raise backends.ArrayAPIPlugin().unsupported_error(xp, x, Method.MULTISCALE)
+    assert str(select_backend(xp, x, "array_api/multiscale", (1, 3, 3, 2))) == "array_api/multiscale"
 
 
 @pytest.mark.parametrize("backend", ["auto", "online", "tensorized"])
@@ -207,17 +206,17 @@ def test_explicit_methods_are_kept_whatever_the_size(method):
     assert plugin.resolve(method, (8, 10**6, 10**6, 3)) is method
 
 
-def test_array_api_plugin_supports_everything_but_multiscale(lib):
+def test_array_api_plugin_supports_every_method(lib):
     xp, x = _namespace(lib)
     plugin = ArrayAPIPlugin()
-    assert all(plugin.supports(xp, x, m) for m in (Method.AUTO, Method.TENSORIZED, Method.ONLINE))
-    assert not plugin.supports(xp, x, Method.MULTISCALE)
+    assert all(plugin.supports(xp, x, m) for m in Method)
 
 
-def test_multiscale_is_not_implemented_yet(lib):
+@pytest.mark.parametrize("backend", ["multiscale", "numba/multiscale", "array_api/multiscale"])
+def test_multiscale_refuses_more_than_three_dimensions(lib, backend):
     xp, x = _namespace(lib)
-    with pytest.raises(NotImplementedError, match=r"not implemented yet"):
-        select_backend(xp, x, "multiscale", (1, 3, 3, 2))
+    with pytest.raises(ValueError, match=r"supports D <= 3, got D=4; use backend='online'"):
+        select_backend(xp, x, backend, (1, 3, 3, 4))
 
 
 def test_an_empty_registry_gives_a_clear_error(monkeypatch):

@@ -84,7 +84,7 @@ def _geometries(x, y, cost):
 
 def test_registered_between_numba_and_the_fallback():
     ids = [plugin.id for plugin in backends.PLUGINS]
-    assert ids == [PluginId.NUMBA, PluginId.KEOPS, PluginId.ARRAY_API]
+    assert ids == [PluginId.NUMBA, PluginId.NUMBA_CUDA, PluginId.KEOPS, PluginId.ARRAY_API]
 
 
 def test_torch_goes_to_keops_for_online_and_large_auto():

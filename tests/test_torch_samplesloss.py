@@ -315,8 +315,9 @@ def test_gradient_descent_trajectory_matches_geomloss(geomloss):
         (dict(cost=lambda x, y: ((x[:, :, None] - y[:, None]) ** 2).sum(-1)), NotImplementedError, "p=1 or p=2"),
         (dict(cost="SqDist(X,Y)"), NotImplementedError, "p=1 or p=2"),
         (dict(loss="gaussian", kernel=lambda x, y: x @ y.T), NotImplementedError, "custom kernel"),
-        (dict(backend="multiscale"), NotImplementedError, "multiscale"),
-        (dict(backend="multiscale", truncate=3, cluster_scale=0.1), NotImplementedError, "multiscale"),
+        (dict(loss="energy", backend="multiscale"), NotImplementedError, "runs loss='sinkhorn' only"),
+        (dict(backend="multiscale", truncate=0), ValueError, "truncate"),
+        (dict(backend="multiscale", cluster_scale=-0.1), ValueError, "cluster_scale"),
         (dict(loss="hausdorff", reach=0.5), NotImplementedError, "unbalanced Hausdorff"),
         (dict(blur=0), ValueError, "blur"),
         (dict(blur=-1.0), ValueError, "blur"),
@@ -347,7 +348,7 @@ def test_call_errors():
     layer = SamplesLoss()
     with pytest.raises(ValueError, match="two .* or four"):
         layer(x, y, x)
-    with pytest.raises(NotImplementedError, match="multiscale"):
+    with pytest.raises(NotImplementedError, match="cluster-label call"):
         layer(torch.zeros(5), torch.ones(5) / 5, x, torch.zeros(4), torch.ones(4) / 4, y)
     with pytest.raises(TypeError, match="torch.Tensor"):
         layer(x.numpy(), y.numpy())

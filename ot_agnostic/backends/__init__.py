@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._base import Geometry, Method, Plugin, PluginId
+from ._base import MULTISCALE_MAX_DIM, Geometry, Method, Plugin, PluginId
 from .array_api import ArrayAPIPlugin
 from .keops import KeOpsPlugin
 from .numba_cpu import NumbaPlugin
+from .numba_cuda import NumbaCudaPlugin
 
 __all__ = [
     "Geometry", "Method", "Plugin", "PluginId", "Selection", "parse_backend", "select_backend",
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 #: Plugins in priority order: faster, library-specific plugins go before the fallback.
-PLUGINS: list[Plugin] = [NumbaPlugin(), KeOpsPlugin(), ArrayAPIPlugin()]
+PLUGINS: list[Plugin] = [NumbaPlugin(), NumbaCudaPlugin(), KeOpsPlugin(), ArrayAPIPlugin()]
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def select_backend(xp, x, backend, shape) -> Selection:
     A plugin named explicitly runs the problem or raises why it cannot: no fallback.
     """
     plugin_id, method = parse_backend(backend)
-    if method is Method.MULTISCALE:
-        raise NotImplementedError(
-            "backend='multiscale' is not implemented yet; use backend='online' (O(N + M) memory) "
-            "or 'auto' in the meantime."
+    if method is Method.MULTISCALE and shape[3] > MULTISCALE_MAX_DIM:
+        raise ValueError(
+            f"backend='multiscale' clusters the points on a grid and supports D <= "
+            f"{MULTISCALE_MAX_DIM}, got D={shape[3]}; use backend='online' (O(N + M) memory)."
         )
     if plugin_id is not None:
         return _select_explicit(xp, x, plugin_id, method, shape)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Protocol
 
+import numpy as np
+
 
 class Method(str, Enum):
     """The algorithm a user selects with ``backend=``."""
@@ -22,6 +24,18 @@ class Method(str, Enum):
         except ValueError:
             options = ", ".join(repr(m.value) for m in cls)
             raise ValueError(f"unknown backend {value!r}: choose one of {options}.") from None
+
+
+#: Multiscale clusters points on a grid: up to this dimension.
+MULTISCALE_MAX_DIM = 3
+#: "auto" switches to multiscale (D <= 3) once ``B * N * M`` reaches this many pairs.
+MULTISCALE_MIN_PAIRS = 2**32
+
+
+def prefers_multiscale(shape) -> bool:
+    """Whether "auto" should run multiscale on a ``(B, N, M, D)`` problem."""
+    B, N, M, D = shape
+    return D <= MULTISCALE_MAX_DIM and B * N * M >= MULTISCALE_MIN_PAIRS
 
 
 class PluginId(str, Enum):
@@ -97,3 +111,58 @@ def log_fallback_once(warned: set, key, error: Exception, logger) -> None:
     if key not in warned:
         warned.add(key)
         logger.warning("%s Falling back to the pure Array API backend.", error)
+
+
+class BlockSparsity:
+    """Which pairs a block-sparse geometry reduces over: clusters and kept cluster pairs.
+
+    Rows come in clusters ``row_clusters[I] = [start, stop)`` that partition ``[0, N)`` in
+    order, columns likewise (``col_clusters``), and ``keep[I, J]`` says whether the rows
+    of cluster ``I`` interact with the columns of cluster ``J``. Kernels read the CSR form:
+    the rows of cluster ``I`` reduce over the column ranges
+    ``col_ranges[col_ptr[I]:col_ptr[I + 1]]`` (sorted, disjoint ``[start, stop)``; kept
+    clusters that are neighbours in memory merge into one range). Host NumPy int64 arrays.
+    """
+
+    def __init__(self, row_clusters, col_clusters, keep):
+        self.row_ranges = np.asarray(row_clusters, dtype=np.int64)
+        self.col_clusters = np.asarray(col_clusters, dtype=np.int64)
+        self.keep = np.asarray(keep, dtype=bool)
+        if self.keep.shape != (len(self.row_ranges), len(self.col_clusters)):
+            raise ValueError(
+                f"keep must be ({len(self.row_ranges)}, {len(self.col_clusters)}), not {self.keep.shape}"
+            )
+        self.n_cols = int(self.col_clusters[-1, 1]) if len(self.col_clusters) else 0
+        self.col_ptr, self.col_ranges = self._csr()
+
+    def _csr(self):
+        ptr, runs = [0], []
+        for row in self.keep:
+            kept = np.flatnonzero(row)
+            if kept.size:
+                # a new run starts where a kept cluster does not follow the previous one
+                starts = np.flatnonzero(np.concatenate([[True], kept[1:] != kept[:-1] + 1]))
+                stops = np.append(starts[1:], kept.size) - 1
+                runs.append(np.stack(
+                    [self.col_clusters[kept[starts], 0], self.col_clusters[kept[stops], 1]], axis=1
+                ))
+                ptr.append(ptr[-1] + starts.size)
+            else:
+                ptr.append(ptr[-1])
+        ranges = np.concatenate(runs) if runs else np.zeros((0, 2), dtype=np.int64)
+        return np.asarray(ptr, dtype=np.int64), ranges.astype(np.int64)
+
+    def columns_of(self, cluster: int) -> np.ndarray:
+        """The ``(k, 2)`` column ranges of row cluster ``cluster``."""
+        return self.col_ranges[self.col_ptr[cluster]:self.col_ptr[cluster + 1]]
+
+    def transpose(self) -> "BlockSparsity":
+        """The same pairs seen from the columns."""
+        return BlockSparsity(self.col_clusters, self.row_ranges, self.keep.T)
+
+    @property
+    def kept_pairs(self) -> int:
+        """How many ``(i, j)`` pairs are reduced over."""
+        widths = np.concatenate([[0], np.cumsum(self.col_ranges[:, 1] - self.col_ranges[:, 0])])
+        per_cluster = widths[self.col_ptr[1:]] - widths[self.col_ptr[:-1]]
+        return int(np.sum((self.row_ranges[:, 1] - self.row_ranges[:, 0]) * per_cluster))

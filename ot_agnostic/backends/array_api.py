@@ -11,7 +11,7 @@ Two geometries share one implementation of the reductions, written block by bloc
 from __future__ import annotations
 
 from .._array_api import logsumexp
-from ._base import Method, PluginId, method_error
+from ._base import Method, PluginId, method_error, prefers_multiscale
 
 #: "auto" uses the dense geometry while ``B * max(N, M)**2`` (the largest of the four cost
 #: matrices of a debiased problem) is at most this many entries.
@@ -60,8 +60,7 @@ class _BlockReductions:
         return self._concat(parts)
 
     def _softmax(self, eps, h, c):
-        logits = h[:, None, :] - c / eps
-        return self.xp.exp(logits - logsumexp(logits, axis=2, xp=self.xp)[:, :, None])
+        return _softmax(self.xp, eps, h, c)
 
 
 class DenseGeometry(_BlockReductions):
@@ -109,6 +108,91 @@ class OnlineGeometry(_BlockReductions):
         return OnlineGeometry(self.y, self.x, self.cost, xp=self.xp, block_entries=self.block_entries)
 
 
+class BlockSparseGeometry:
+    """Reduces row cluster ``I`` over its kept column ranges only (multiscale Sinkhorn).
+
+    ``sparsity`` is a :class:`~ot_agnostic.backends._base.BlockSparsity`. One Python step
+    per row cluster, each on a dense ``(B, rows, kept columns)`` block: the reference
+    implementation, and the fallback for array libraries without a compiled one. Rows
+    with nothing kept give ``+inf`` (softmin) and zeros (the weighted sums).
+    """
+
+    def __init__(self, x, y, cost, sparsity, *, xp):
+        self.xp, self.x, self.y, self.cost, self.sparsity = xp, x, y, cost, sparsity
+        self.shape = (x.shape[0], x.shape[1], y.shape[1])
+
+    def _gather(self, t, ranges):
+        parts = [t[:, int(c0):int(c1), ...] for c0, c1 in ranges]
+        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
+
+    def _clusters(self):
+        """Yield ``(start, stop, column ranges, C block)`` for each row cluster with kept columns."""
+        for cluster, (start, stop) in enumerate(self.sparsity.row_ranges):
+            ranges = self.sparsity.columns_of(cluster)
+            start, stop = int(start), int(stop)
+            if len(ranges):
+                c = self.cost.matrix(self.x[:, start:stop, :], self._gather(self.y, ranges), xp=self.xp)
+                yield start, stop, ranges, c
+            else:
+                yield start, stop, ranges, None
+
+    def softmin(self, eps, h):
+        xp = self.xp
+        parts = []
+        for start, stop, ranges, c in self._clusters():
+            if c is None:
+                parts.append(xp.full((self.shape[0], stop - start), float("inf"), dtype=h.dtype, device=_dev(h)))
+            else:
+                hk = self._gather(h, ranges)
+                parts.append(-eps * logsumexp(hk[:, None, :] - c / eps, axis=2, xp=xp))
+        return xp.concat(parts, axis=1)
+
+    def softmax_weighted_sum(self, eps, h, v):
+        xp = self.xp
+        parts = []
+        for start, stop, ranges, c in self._clusters():
+            if c is None:
+                parts.append(xp.zeros((self.shape[0], stop - start, v.shape[2]), dtype=v.dtype, device=_dev(v)))
+            else:
+                parts.append(xp.matmul(_softmax(xp, eps, self._gather(h, ranges), c), self._gather(v, ranges)))
+        return xp.concat(parts, axis=1)
+
+    def softmin_grad(self, eps, h):
+        xp = self.xp
+        parts = []
+        for start, stop, ranges, c in self._clusters():
+            if c is None:
+                parts.append(xp.zeros((self.shape[0], stop - start, self.x.shape[2]), dtype=h.dtype, device=_dev(h)))
+                continue
+            w = _softmax(xp, eps, self._gather(h, ranges), c)
+            if self.cost.p == 1:
+                positive = c > 0
+                w = xp.where(positive, w / xp.where(positive, c, xp.ones_like(c)), xp.zeros_like(c))
+            row_mass = xp.sum(w, axis=2)[:, :, None]
+            parts.append(self.x[:, start:stop, :] * row_mass - xp.matmul(w, self._gather(self.y, ranges)))
+        return xp.concat(parts, axis=1)
+
+    def kernel_sum(self, kernel, v):
+        raise NotImplementedError("kernel norms have no block-sparse form: use backend='online'.")
+
+    def cost_rows(self, start, stop):
+        return self.cost.matrix(self.x[:, start:stop, :], self.y, xp=self.xp)
+
+    def transpose(self):
+        return BlockSparseGeometry(self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp)
+
+
+def _softmax(xp, eps, h, c):
+    logits = h[:, None, :] - c / eps
+    return xp.exp(logits - logsumexp(logits, axis=2, xp=xp)[:, :, None])
+
+
+def _dev(x):
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
 class ArrayAPIPlugin:
     """Runs on any Array API namespace (NumPy, torch, CuPy, array-api-strict, ...)."""
 
@@ -118,16 +202,20 @@ class ArrayAPIPlugin:
         return self.unsupported_error(xp, x, method) is None
 
     def unsupported_error(self, xp, x, method):
-        methods = (Method.AUTO, Method.TENSORIZED, Method.ONLINE)
-        return None if method in methods else method_error(self.id, method, methods[1:])
+        return None if isinstance(method, Method) else method_error(self.id, method, tuple(Method)[1:])
 
     def resolve(self, method, shape):
         if method is not Method.AUTO:
             return method
         B, N, M, _ = shape
-        return Method.TENSORIZED if B * max(N, M) ** 2 <= DENSE_MAX_ENTRIES else Method.ONLINE
+        if B * max(N, M) ** 2 <= DENSE_MAX_ENTRIES:
+            return Method.TENSORIZED
+        return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
     def geometry(self, x, y, cost, method, *, xp):
         if method is Method.TENSORIZED:
             return DenseGeometry(x, y, cost, xp=xp)
         return OnlineGeometry(x, y, cost, xp=xp)
+
+    def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
+        return BlockSparseGeometry(x, y, cost, sparsity, xp=xp)

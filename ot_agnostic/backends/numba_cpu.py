@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from ..costs import Kernel
-from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error
+from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error, prefers_multiscale
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -78,6 +78,44 @@ class NumbaGeometry:
         return NumbaGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
 
 
+class NumbaBlockSparseGeometry(NumbaGeometry):
+    """Like :class:`NumbaGeometry`, over the kept cluster pairs of ``sparsity`` only (multiscale)."""
+
+    def __init__(self, x, y, cost, sparsity, *, xp, kernels=None):
+        super().__init__(x, y, cost, xp=xp, kernels=kernels)
+        self.sparsity = sparsity
+
+    def _ranges(self):
+        s = self.sparsity
+        return s.row_ranges, s.col_ptr, s.col_ranges
+
+    def softmin(self, eps, h):
+        out = np.empty(self.shape[:2], dtype=self.x.dtype)
+        self.kernels.softmin_ranges(self.x, self.y, self._h(h), float(eps), self.cost.p, *self._ranges(), out)
+        return out
+
+    def softmin_grad(self, eps, h):
+        out = np.empty(self.x.shape, dtype=self.x.dtype)
+        self.kernels.softmin_grad_ranges(self.x, self.y, self._h(h), float(eps), self.cost.p, *self._ranges(), out)
+        return out
+
+    def softmax_weighted_sum(self, eps, h, v):
+        v = np.ascontiguousarray(v, dtype=self.x.dtype)
+        out = np.empty(self.shape[:2] + (v.shape[2],), dtype=self.x.dtype)
+        self.kernels.softmax_weighted_sum_ranges(
+            self.x, self.y, self._h(h), float(eps), self.cost.p, v, *self._ranges(), out
+        )
+        return out
+
+    def kernel_sum(self, kernel, v):
+        raise NotImplementedError("kernel norms have no block-sparse form: use backend='online'.")
+
+    def transpose(self):
+        return NumbaBlockSparseGeometry(
+            self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp, kernels=self.kernels
+        )
+
+
 class NumbaPlugin:
     """Runs NumPy float32/float64 arrays through the Numba CPU kernels ("online" only)."""
 
@@ -95,8 +133,8 @@ class NumbaPlugin:
         return error is None
 
     def unsupported_error(self, xp, x, method):
-        if method not in (Method.AUTO, Method.ONLINE):
-            return method_error(self.id, method, (Method.ONLINE,))
+        if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
+            return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
         if not isinstance(x, np.ndarray):
             return ValueError(
                 f"the 'numba' backend runs NumPy arrays, not {describe_arrays(x)}; pass "
@@ -111,10 +149,15 @@ class NumbaPlugin:
         return self._load_error
 
     def resolve(self, method, shape):
-        return Method.ONLINE
+        if method is not Method.AUTO:
+            return method
+        return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
     def geometry(self, x, y, cost, method, *, xp):
         return NumbaGeometry(x, y, cost, xp=xp)
+
+    def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
+        return NumbaBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
 
 
 def warmup(dtypes=("float32", "float64"), ps=(1, 2)) -> None:

@@ -3,15 +3,15 @@
 Runs CuPy float32/float64 arrays with up to ``MAX_DIM = 64`` coordinates through the
 kernels of :mod:`ot_agnostic.kernels.numba_cuda` ("online" only). Outputs are CuPy arrays
 allocated on the inputs' device; the kernels read and write CuPy memory in place (zero
-copy) and run on the inputs' device, on CuPy's current stream: nothing goes through the
-host. ``numba.cuda`` is imported on first use only, and a one-time self-test per device
+copy) and run on the inputs' device, on CuPy's current stream, without any host copy or
+synchronisation. ``numba.cuda`` is imported on first use only, and a one-time self-test per device
 (a tiny softmin: it compiles a kernel, so it also catches a missing libNVVM) guards
 against a broken installation; if it fails, ``backend="auto"`` falls back to the pure
 Array API backend with one logged warning on the ``"ot_agnostic"`` logger, and
 ``backend="numba_cuda"`` raises the ``ImportError`` with the fix.
 
-Kernels are compiled on first use for each reduction, ``p``, dimension ``D`` and dtype (a
-fraction of a second each).
+Kernels are compiled for each reduction, ``p``, dimension ``D`` and dtype when first used
+in a process (about a second each; they are not cached on disk).
 
 ``NumbaCudaPlugin(host_arrays=True)`` also takes NumPy arrays (Numba copies them to the
 GPU and back around every launch): under Numba's CUDA simulator
@@ -81,42 +81,47 @@ class NumbaCudaGeometry:
         self.shape = (B, N, y.shape[1])
 
     @contextlib.contextmanager
-    def _stream(self):
-        """Make the inputs' device current and give the stream to launch on (CuPy's current one)."""
+    def _launch(self, shape):
+        """On the inputs' device: a new ``out`` of ``shape`` and the stream to launch on.
+
+        CuPy arrays: their device is made current (array_api_compat's CuPy ``empty`` ignores
+        ``device=``) and the stream is CuPy's current one. NumPy arrays (tests): the default.
+        """
+        dtype = self.x.dtype
         if not array_api_compat.is_cupy_array(self.x):
-            yield 0  # host arrays (tests): Numba's default stream
+            yield self.xp.empty(shape, dtype=dtype), 0
             return
         import cupy
 
         with self.x.device:
-            yield self.kernels._cuda().external_stream(cupy.cuda.get_current_stream().ptr)
+            stream = self.kernels._cuda().external_stream(cupy.cuda.get_current_stream().ptr)
+            yield self.xp.empty(shape, dtype=dtype), stream
 
-    def _run(self, kernel, shape, *args):
-        """``kernel(x, y, *args, out, stream=...)`` into a new ``out`` of ``shape``."""
-        out = self.xp.empty(shape, dtype=self.x.dtype, device=device_of(self.x))
-        with self._stream() as stream:
-            kernel(self.x, self.y, *args, out, stream=stream)
-        return out
-
-    def _same_dtype(self, a):
+    def _cast(self, a):
         return a if a.dtype == self.x.dtype else self.xp.astype(a, self.x.dtype)
 
     def softmin(self, eps, h):
-        p = self.cost.p
-        return self._run(self.kernels.softmin, self.shape[:2], self._same_dtype(h), float(eps), p)
+        with self._launch(self.shape[:2]) as (out, stream):
+            self.kernels.softmin(self.x, self.y, self._cast(h), eps, self.cost.p, out, stream=stream)
+        return out
 
     def softmin_grad(self, eps, h):
-        p = self.cost.p
-        return self._run(self.kernels.softmin_grad, self.x.shape, self._same_dtype(h), float(eps), p)
+        with self._launch(self.x.shape) as (out, stream):
+            self.kernels.softmin_grad(self.x, self.y, self._cast(h), eps, self.cost.p, out, stream=stream)
+        return out
 
     def softmax_weighted_sum(self, eps, h, v):
-        shape = self.shape[:2] + (v.shape[2],)
-        h, v = self._same_dtype(h), self._same_dtype(v)
-        return self._run(self.kernels.softmax_weighted_sum, shape, h, float(eps), self.cost.p, v)
+        with self._launch(self.shape[:2] + (v.shape[2],)) as (out, stream):
+            self.kernels.softmax_weighted_sum(
+                self.x, self.y, self._cast(h), eps, self.cost.p, self._cast(v), out, stream=stream
+            )
+        return out
 
     def kernel_sum(self, kernel: Kernel, v):
         kind = getattr(self.kernels, f"KERNEL_{kernel.name.upper()}")
-        return self._run(self.kernels.kernel_sum, self.shape[:2], self._same_dtype(v), kind, float(kernel.blur))
+        with self._launch(self.shape[:2]) as (out, stream):
+            self.kernels.kernel_sum(self.x, self.y, self._cast(v), kind, kernel.blur, out, stream=stream)
+        return out
 
     def cost_rows(self, start, stop):
         return self.cost.matrix(self.x[:, start:stop, :], self.y, xp=self.xp)

@@ -40,6 +40,16 @@ How the softmin is made fast (about 0.2-0.3 ns per pair on two AVX-512 cores in 
 * the compiled loops ask LLVM for 512-bit vectors where the CPU has them (LLVM prefers
   256-bit vectors on Intel server CPUs otherwise; 512-bit ones are ~20% faster here).
 
+Block-sparse variants (multiscale Sinkhorn: points sorted by cluster, kernel truncation):
+:func:`softmin_ranges`, :func:`softmin_grad_ranges`, :func:`softmax_weighted_sum_ranges`
+reduce each cluster of rows over some column ranges only (a CSR list of ranges per row
+cluster). The endpoints of all the ranges cut the columns into segments, each zero-padded
+to a multiple of ``_PAD`` (``_blocks``), so that every range is a padded range without
+remainder; a second engine runs the same ``_row`` over a row's ranges, whose running shift
+and sums carry over from one range to the next (an exact log-sum-exp merge). Memory:
+``O(B (N + Mp) (D + K) + nnz)``, ``Mp < M + _PAD * (number of segments)``; time: the kept
+(padded) pairs, plus some 50 ns per range visited by a row.
+
 This module imports nothing from ``ot_agnostic`` and nothing from ``numba.cuda``.
 """
 
@@ -56,6 +66,9 @@ __all__ = [
     "softmin_grad",
     "softmax_weighted_sum",
     "kernel_sum",
+    "softmin_ranges",
+    "softmin_grad_ranges",
+    "softmax_weighted_sum_ranges",
     "KERNEL_ENERGY",
     "KERNEL_GAUSSIAN",
     "KERNEL_LAPLACIAN",
@@ -274,144 +287,180 @@ def _rescaling(old, new):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _row(xi, yTb, h2b, fac, p, vTb, mode, sq, tb, eb, acc):
-    """Row ``i`` against the columns ``j``, by blocks of at most ``_BLOCK`` columns.
+def _row(xi, yTb, h2b, fac, p, vTb, mode, spans, r0, r1, sq, tb, eb, acc):
+    """Row ``i`` against the columns of the ranges ``spans[r0:r1]``, by blocks of at most
+    ``_BLOCK`` columns.
 
-    With ``t_j = h2_j - fac |x_i - y_j|**p`` (base-2 exponents), returns ``(shift, total)``
-    such that ``sum_j 2**t_j = 2**shift * total``, and sets
+    With ``t_j = h2_j - fac |x_i - y_j|**p`` (base-2 exponents) over the columns
+    ``spans[r, 0] <= j < spans[r, 1]``, ``r0 <= r < r1``, returns ``(shift, total)`` such
+    that ``sum_j 2**t_j = 2**shift * total``, and sets
     ``acc[k] = sum_j 2**(t_j - shift) (z_k - v_jk)`` where ``z = x_i`` for ``_MODE_GRAD``
     (with the weights divided by ``|x_i - y_j|`` for ``p = 1``, 0 where it is 0) and
     ``z = 0`` otherwise (``v = vTb``). ``_MODE_ENERGY``: ``total = sum_j |x_i - y_j| v_j``.
 
-    The shift (an integer: the running maximum rounded up) only grows; ``total`` and
-    ``acc`` are rescaled when it does. ``sq``, ``tb``, ``eb``: ``_BLOCK``-long buffers.
+    The shift (an integer: the running maximum rounded up) only grows, from block to block
+    and from range to range; ``total`` and ``acc`` are rescaled when it does (an exact
+    log-sum-exp merge). The ranges must be multiples of ``_PAD`` long (their tails are
+    skipped otherwise). ``sq``, ``tb``, ``eb``: ``_BLOCK``-long buffers.
     """
     _wide_vectors()
     D = yTb.shape[0]
-    M = yTb.shape[1]
     K = acc.shape[0]
     shift = _as(tb, -np.inf)
     total = 0.0
     for k in range(K):
         acc[k] = 0.0
-    for j0 in range(0, M, _BLOCK):
-        n = min(_BLOCK, M - j0) & -_PAD  # a multiple of _PAD: no remainder loops
-        # 1. Exponents t_j = h2_j - fac |x_i - y_j|**p and their maximum, from coordinate
-        # differences (fused loops for D = 2, 3). For p = 1, sq keeps the distances.
-        hb = h2b[j0 : j0 + n]
-        bmax = _as(tb, -np.inf)
-        if D == 3 and mode != _MODE_ENERGY:
-            x0, x1, x2 = xi[0], xi[1], xi[2]
-            a0 = yTb[0, j0 : j0 + n]
-            a1 = yTb[1, j0 : j0 + n]
-            a2 = yTb[2, j0 : j0 + n]
-            if p == 2:
-                for jj in range(n):
-                    d0 = x0 - a0[jj]
-                    d1 = x1 - a1[jj]
-                    d2 = x2 - a2[jj]
-                    t = hb[jj] - fac * (d0 * d0 + d1 * d1 + d2 * d2)
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
+    for ri in range(r0, r1):
+        stop = spans[ri, 1]
+        for j0 in range(spans[ri, 0], stop, _BLOCK):
+            n = min(_BLOCK, stop - j0) & -_PAD  # a multiple of _PAD: no remainder loops
+            # 1. Exponents t_j = h2_j - fac |x_i - y_j|**p and their maximum, from coordinate
+            # differences (fused loops for D = 2, 3). For p = 1, sq keeps the distances.
+            hb = h2b[j0 : j0 + n]
+            bmax = _as(tb, -np.inf)
+            if D == 3 and mode != _MODE_ENERGY:
+                x0, x1, x2 = xi[0], xi[1], xi[2]
+                a0 = yTb[0, j0 : j0 + n]
+                a1 = yTb[1, j0 : j0 + n]
+                a2 = yTb[2, j0 : j0 + n]
+                if p == 2:
+                    for jj in range(n):
+                        d0 = x0 - a0[jj]
+                        d1 = x1 - a1[jj]
+                        d2 = x2 - a2[jj]
+                        t = hb[jj] - fac * (d0 * d0 + d1 * d1 + d2 * d2)
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
+                else:
+                    for jj in range(n):
+                        d0 = x0 - a0[jj]
+                        d1 = x1 - a1[jj]
+                        d2 = x2 - a2[jj]
+                        r = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+                        sq[jj] = r
+                        t = hb[jj] - fac * r
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
+            elif D == 2 and mode != _MODE_ENERGY:
+                x0, x1 = xi[0], xi[1]
+                a0 = yTb[0, j0 : j0 + n]
+                a1 = yTb[1, j0 : j0 + n]
+                if p == 2:
+                    for jj in range(n):
+                        d0 = x0 - a0[jj]
+                        d1 = x1 - a1[jj]
+                        t = hb[jj] - fac * (d0 * d0 + d1 * d1)
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
+                else:
+                    for jj in range(n):
+                        d0 = x0 - a0[jj]
+                        d1 = x1 - a1[jj]
+                        r = math.sqrt(d0 * d0 + d1 * d1)
+                        sq[jj] = r
+                        t = hb[jj] - fac * r
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
             else:
+                x0 = xi[0]
+                a0 = yTb[0, j0 : j0 + n]
                 for jj in range(n):
                     d0 = x0 - a0[jj]
-                    d1 = x1 - a1[jj]
-                    d2 = x2 - a2[jj]
-                    r = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-                    sq[jj] = r
-                    t = hb[jj] - fac * r
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
-        elif D == 2 and mode != _MODE_ENERGY:
-            x0, x1 = xi[0], xi[1]
-            a0 = yTb[0, j0 : j0 + n]
-            a1 = yTb[1, j0 : j0 + n]
-            if p == 2:
-                for jj in range(n):
-                    d0 = x0 - a0[jj]
-                    d1 = x1 - a1[jj]
-                    t = hb[jj] - fac * (d0 * d0 + d1 * d1)
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
-            else:
-                for jj in range(n):
-                    d0 = x0 - a0[jj]
-                    d1 = x1 - a1[jj]
-                    r = math.sqrt(d0 * d0 + d1 * d1)
-                    sq[jj] = r
-                    t = hb[jj] - fac * r
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
-        else:
-            x0 = xi[0]
-            a0 = yTb[0, j0 : j0 + n]
+                    sq[jj] = d0 * d0
+                for d in range(1, D):
+                    xd = xi[d]
+                    ad = yTb[d, j0 : j0 + n]
+                    for jj in range(n):
+                        dd = xd - ad[jj]
+                        sq[jj] += dd * dd
+                if mode == _MODE_ENERGY:
+                    w = vTb[0, j0 : j0 + n]
+                    s = _as(sq, 0.0)
+                    for jj in range(n):
+                        s = _fadd(s, math.sqrt(sq[jj]) * w[jj])
+                    total += s
+                    continue
+                if p == 2:
+                    for jj in range(n):
+                        t = hb[jj] - fac * sq[jj]
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
+                else:
+                    for jj in range(n):
+                        r = math.sqrt(sq[jj])
+                        sq[jj] = r
+                        t = hb[jj] - fac * r
+                        tb[jj] = t
+                        bmax = _fmax(bmax, t)
+            # 3. A larger maximum: new shift, rescaled sums.
+            if bmax > shift:
+                new = np.ceil(bmax)
+                scale = _rescaling(shift, new)
+                total *= scale
+                for k in range(K):
+                    acc[k] *= scale
+                shift = new
+            if not shift > -np.inf:
+                continue  # no finite exponent yet
+            # 4. 2**(t - shift) <= 1.
+            s = _as(tb, 0.0)
             for jj in range(n):
-                d0 = x0 - a0[jj]
-                sq[jj] = d0 * d0
-            for d in range(1, D):
-                xd = xi[d]
-                ad = yTb[d, j0 : j0 + n]
-                for jj in range(n):
-                    dd = xd - ad[jj]
-                    sq[jj] += dd * dd
-            if mode == _MODE_ENERGY:
-                w = vTb[0, j0 : j0 + n]
-                s = _as(sq, 0.0)
-                for jj in range(n):
-                    s = _fadd(s, math.sqrt(sq[jj]) * w[jj])
-                total += s
+                e = _exp2m(tb[jj] - shift)
+                eb[jj] = e
+                s = _fadd(s, e)
+            total += s
+            if K == 0:
                 continue
-            if p == 2:
+            # 5. Weighted sums.
+            if mode == _MODE_GRAD and p == 1:
+                zero = _as(eb, 0.0)
                 for jj in range(n):
-                    t = hb[jj] - fac * sq[jj]
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
-            else:
-                for jj in range(n):
-                    r = math.sqrt(sq[jj])
-                    sq[jj] = r
-                    t = hb[jj] - fac * r
-                    tb[jj] = t
-                    bmax = _fmax(bmax, t)
-        # 3. A larger maximum: new shift, rescaled sums.
-        if bmax > shift:
-            new = np.ceil(bmax)
-            scale = _rescaling(shift, new)
-            total *= scale
+                    d = sq[jj]  # the distance |x_i - y_j|, see step 1
+                    eb[jj] = eb[jj] / d if d > zero else zero
             for k in range(K):
-                acc[k] *= scale
-            shift = new
-        if not shift > -np.inf:
-            continue  # no finite exponent yet
-        # 4. 2**(t - shift) <= 1.
-        s = _as(tb, 0.0)
-        for jj in range(n):
-            e = _exp2m(tb[jj] - shift)
-            eb[jj] = e
-            s = _fadd(s, e)
-        total += s
-        if K == 0:
-            continue
-        # 5. Weighted sums.
-        if mode == _MODE_GRAD and p == 1:
-            zero = _as(eb, 0.0)
-            for jj in range(n):
-                d = sq[jj]  # the distance |x_i - y_j|, see step 1
-                eb[jj] = eb[jj] / d if d > zero else zero
-        for k in range(K):
-            z = xi[k] if mode == _MODE_GRAD else _as(xi, 0.0)
-            vk = vTb[k, j0 : j0 + n]
-            a = _as(eb, 0.0)
-            for jj in range(n):
-                a = _fadd(a, eb[jj] * (z - vk[jj]))
-            acc[k] += a
+                z = xi[k] if mode == _MODE_GRAD else _as(xi, 0.0)
+                vk = vTb[k, j0 : j0 + n]
+                a = _as(eb, 0.0)
+                for jj in range(n):
+                    a = _fadd(a, eb[jj] * (z - vk[jj]))
+                acc[k] += a
     return shift, total
 
 
 # --------------------------------------------------------------------------------------
 # The parallel engine: one compiled parallel loop per dtype serves every kernel
 # --------------------------------------------------------------------------------------
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _accumulators(mode, K):
+    """The length of ``acc`` for ``mode``, ``K = out.shape[2]``."""
+    if mode == _MODE_SOFTMIN or mode == _MODE_ENERGY:
+        return 0
+    if mode == _MODE_KERNEL_EXP:
+        return 1
+    return K
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _finish(out, b, i, mode, eps, shift, total, acc):
+    """Write ``out[b, i]`` from the sums of :func:`_row` over the row's columns."""
+    K = out.shape[2]
+    if mode == _MODE_SOFTMIN:
+        if total > 0.0:
+            out[b, i, 0] = -eps * (_LN2 * float(shift) + math.log(total))
+        else:
+            out[b, i, 0] = np.inf
+    elif mode == _MODE_ENERGY:
+        out[b, i, 0] = -total
+    elif mode == _MODE_KERNEL_EXP:
+        out[b, i, 0] = -acc[0] * 2.0 ** float(shift)
+    else:
+        scale = 1.0 / total if total > 0.0 else 0.0
+        if mode == _MODE_WEIGHTED:
+            scale = -scale
+        for k in range(K):
+            out[b, i, k] = acc[k] * scale
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -423,13 +472,10 @@ def _engine(x, yT, h2, vT, fac, eps, p, mode, out):
     write ``out[:, :, 0]``.
     """
     B, N, _ = x.shape
-    K = out.shape[2]
-    if mode == _MODE_SOFTMIN or mode == _MODE_ENERGY:
-        nacc = 0
-    elif mode == _MODE_KERNEL_EXP:
-        nacc = 1
-    else:
-        nacc = K
+    full = np.empty((1, 2), dtype=np.int64)  # one range: all the columns
+    full[0, 0] = 0
+    full[0, 1] = yT.shape[2]
+    nacc = _accumulators(mode, out.shape[2])
     tasks = (N + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(B * tasks):
         _wide_vectors()
@@ -441,22 +487,39 @@ def _engine(x, yT, h2, vT, fac, eps, p, mode, out):
         eb = np.empty(_BLOCK, dtype=x.dtype)
         acc = np.empty(nacc, dtype=np.float64)
         for i in range(start, stop):
-            shift, total = _row(x[b, i], yT[b], h2[b], fac, p, vT[b], mode, sq, tb, eb, acc)
-            if mode == _MODE_SOFTMIN:
-                if total > 0.0:
-                    out[b, i, 0] = -eps * (_LN2 * float(shift) + math.log(total))
-                else:
-                    out[b, i, 0] = np.inf
-            elif mode == _MODE_ENERGY:
-                out[b, i, 0] = -total
-            elif mode == _MODE_KERNEL_EXP:
-                out[b, i, 0] = -acc[0] * 2.0 ** float(shift)
-            else:
-                scale = 1.0 / total if total > 0.0 else 0.0
-                if mode == _MODE_WEIGHTED:
-                    scale = -scale
-                for k in range(K):
-                    out[b, i, k] = acc[k] * scale
+            shift, total = _row(
+                x[b, i], yT[b], h2[b], fac, p, vT[b], mode, full, 0, 1, sq, tb, eb, acc
+            )
+            _finish(out, b, i, mode, eps, shift, total, acc)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _engine_ranges(x, yT, h2, vT, fac, eps, p, mode, row_stop, col_ptr, col_span, out):
+    """:func:`_engine` restricted to blocks of pairs: row ``i`` of cluster ``I`` (rows
+    ``row_stop[I - 1] <= i < row_stop[I]``) reduces over the padded column ranges
+    ``col_span[col_ptr[I]:col_ptr[I + 1]]`` (their lengths multiples of ``_PAD``).
+    """
+    B, N, _ = x.shape
+    nacc = _accumulators(mode, out.shape[2])
+    tasks = (N + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in prange(B * tasks):
+        _wide_vectors()
+        b = task // tasks
+        start = (task % tasks) * _ROWS_PER_TASK
+        stop = min(N, start + _ROWS_PER_TASK)
+        sq = np.empty(_BLOCK, dtype=x.dtype)
+        tb = np.empty(_BLOCK, dtype=x.dtype)
+        eb = np.empty(_BLOCK, dtype=x.dtype)
+        acc = np.empty(nacc, dtype=np.float64)
+        cluster = np.searchsorted(row_stop, start + 1)  # the first I with row_stop[I] > start
+        for i in range(start, stop):
+            while row_stop[cluster] <= i:
+                cluster += 1
+            r0, r1 = col_ptr[cluster], col_ptr[cluster + 1]
+            shift, total = _row(
+                x[b, i], yT[b], h2[b], fac, p, vT[b], mode, col_span, r0, r1, sq, tb, eb, acc
+            )
+            _finish(out, b, i, mode, eps, shift, total, acc)
 
 
 # --------------------------------------------------------------------------------------
@@ -481,20 +544,22 @@ def _points(x, y):
     return np.ascontiguousarray(x), y
 
 
-def _columns(a, dtype):
+def _columns(a, dtype, layout=None):
     """``a (B, M, K)`` as a C-contiguous ``(B, K, Mp)`` array, zero-padded to ``Mp`` columns.
 
     ``Mp`` is ``M`` rounded up to a multiple of ``_PAD``: every block of columns is then a
     multiple of ``_PAD`` long and LLVM compiles the vectorised loops without remainder
-    loops. The padding columns get zero weights (``-inf`` log-weights).
+    loops. The padding columns get zero weights (``-inf`` log-weights). ``layout``: the
+    ``(pos, Mp)`` of :func:`_blocks`, column ``j`` going to ``pos[j]``.
     """
     B, M, K = a.shape
-    aT = np.zeros((B, K, -(-M // _PAD) * _PAD), dtype=dtype)
-    aT[:, :, :M] = a.transpose(0, 2, 1)
+    pos, Mp = (slice(0, M), -(-M // _PAD) * _PAD) if layout is None else layout
+    aT = np.zeros((B, K, Mp), dtype=dtype)
+    aT[:, :, pos] = a.transpose(0, 2, 1)
     return aT
 
 
-def _log2_weights(h, shape, dtype):
+def _log2_weights(h, shape, dtype, pos=None):
     """``log2(e) h`` as a C-contiguous ``(B, Mp)`` array, ``-inf`` in the padding columns."""
     B, M, Mp = shape
     if not isinstance(h, np.ndarray) or h.dtype != dtype:
@@ -502,8 +567,75 @@ def _log2_weights(h, shape, dtype):
     if h.shape != (B, M):
         raise ValueError(f"h must be a (B, M) = {(B, M)} array, not {h.shape}")
     h2 = np.full((B, Mp), -np.inf, dtype=dtype)
-    np.multiply(h, dtype.type(_LOG2E), out=h2[:, :M])
+    h2[:, slice(0, M) if pos is None else pos] = h * dtype.type(_LOG2E)
     return h2
+
+
+def _indices(a, name):
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer (int64) NumPy array")
+    return a.astype(np.int64, copy=False)
+
+
+def _blocks(row_ranges, col_ptr, col_ranges, N, M):
+    """Check a block-sparsity pattern and lay the columns out for :func:`_engine_ranges`.
+
+    The endpoints of the ``col_ranges`` (and 0, ``M``) cut ``[0, M)`` into segments; each
+    one is zero-padded to a multiple of ``_PAD`` columns, so that every range is a padded
+    range of such a length. Returns ``(row_stop, ptr, span, pairs), (pos, Mp)``: the padded
+    ranges ``span (nnz', 2)`` (those of a row cluster that touch merged) and their CSR
+    pointer ``ptr``, the (row, padded column) pairs of one batch item, and the position
+    ``pos (M,)`` of each column in the ``Mp``-column layout.
+    """
+    row_ranges = _indices(row_ranges, "row_ranges")
+    col_ptr = _indices(col_ptr, "col_ptr")
+    col_ranges = _indices(col_ranges, "col_ranges")
+    if row_ranges.ndim != 2 or row_ranges.shape[1] != 2:
+        raise ValueError(f"row_ranges must be a (Kx, 2) array, not {row_ranges.shape}")
+    start, stop = row_ranges.T
+    Kx = len(row_ranges)
+    if not (
+        np.all(stop > start)
+        and np.array_equal(start[1:], stop[:-1])
+        and (start[0] == 0 and stop[-1] == N if Kx else N == 0)
+    ):
+        raise ValueError(
+            f"row_ranges must cut [0, N) = [0, {N}) into consecutive non-empty [start, stop) ranges"
+        )
+    if col_ptr.shape != (Kx + 1,):
+        raise ValueError(f"col_ptr must be a (Kx + 1,) = {(Kx + 1,)} array, not {col_ptr.shape}")
+    if col_ranges.ndim != 2 or col_ranges.shape[1] != 2:
+        raise ValueError(f"col_ranges must be a (nnz, 2) array, not {col_ranges.shape}")
+    nnz = len(col_ranges)
+    counts = np.diff(col_ptr)
+    if col_ptr[0] != 0 or col_ptr[-1] != nnz or np.any(counts < 0):
+        raise ValueError(f"col_ptr must be non-decreasing from 0 to len(col_ranges) = {nnz}")
+    a, z = col_ranges.T
+    if np.any(a < 0) or np.any(z > M) or np.any(z <= a):
+        raise ValueError(
+            f"col_ranges must be non-empty [start, stop) ranges within [0, M) = [0, {M})"
+        )
+    same = np.repeat(np.arange(Kx), counts)
+    same = same[1:] == same[:-1]  # ranges r - 1 and r belong to one row cluster
+    if np.any(same & (a[1:] < z[:-1])):
+        raise ValueError("the col_ranges of a row cluster must be sorted and must not overlap")
+    # The padded layout: endpoint e[s] goes to offset[s].
+    ends = np.unique(np.concatenate(([0, M], col_ranges.ravel())))
+    lengths = np.diff(ends)
+    offset = np.concatenate(([0], np.cumsum(-(-lengths // _PAD) * _PAD)))
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    pos = offset[segment] + (np.arange(M) - ends[segment])
+    span = offset[np.searchsorted(ends, col_ranges)]
+    # Merge the runs of touching ranges of a row cluster.
+    opens = np.ones(nnz, dtype=bool)  # range r opens a run
+    opens[1:] = ~same | (span[1:, 0] != span[:-1, 1])
+    closes = np.ones(nnz, dtype=bool)
+    closes[:-1] = opens[1:]
+    ptr = np.searchsorted(np.flatnonzero(opens), col_ptr)
+    span = np.stack([span[opens, 0], span[closes, 1]], axis=1)
+    width = np.concatenate(([0], np.cumsum(span[:, 1] - span[:, 0])))
+    pairs = int(np.sum((stop - start) * (width[ptr[1:]] - width[ptr[:-1]])))
+    return (np.ascontiguousarray(stop), ptr, span, pairs), (pos, int(offset[-1]))
 
 
 def _output(out, shape, dtype):
@@ -517,19 +649,28 @@ def _output(out, shape, dtype):
     return out if out.flags.c_contiguous else np.empty(shape, dtype)
 
 
-def _run(x, yT, h2, vT, fac, eps, p, mode, out, shape):
-    """Run the engine into ``out`` (of ``shape``: ``(B, N)`` or ``(B, N, K)``)."""
+def _run(x, yT, h2, vT, fac, eps, p, mode, out, shape, blocks=None):
+    """Run the engine into ``out`` (of ``shape``: ``(B, N)`` or ``(B, N, K)``).
+
+    ``blocks``: ``(row_stop, ptr, span, pairs)`` from :func:`_blocks`, for the block-sparse
+    engine.
+    """
     res = _output(out, shape, x.dtype)
     B, N = shape[0], shape[1]
     K = shape[2] if len(shape) == 3 else 1
+    pairs = N * yT.shape[-1] if blocks is None else blocks[3]
     # Hand the tasks (``_ROWS_PER_TASK`` rows each) out one at a time: a thread slowed down
     # by other processes then does fewer of them instead of making the whole call wait.
     chunksize = set_parallel_chunksize(1)
     threads = get_num_threads()
-    if B * N * yT.shape[-1] < _SERIAL_PAIRS:
+    if B * pairs < _SERIAL_PAIRS:
         set_num_threads(1)
     try:
-        _engine(x, yT, h2, vT, x.dtype.type(fac), float(eps), int(p), mode, res.reshape((B, N, K)))
+        args = (x, yT, h2, vT, x.dtype.type(fac), float(eps), int(p), mode)
+        if blocks is None:
+            _engine(*args, res.reshape((B, N, K)))
+        else:
+            _engine_ranges(*args, *blocks[:3], res.reshape((B, N, K)))
     finally:
         set_parallel_chunksize(chunksize)
         set_num_threads(threads)
@@ -649,3 +790,57 @@ def kernel_sum(x, y, v, kind, scale, out):
     h2 = np.zeros((y.shape[0], yT.shape[2]), dtype=x.dtype)
     h2[:, y.shape[1] :] = -np.inf
     _run(x, yT, h2, vT, fac, 1.0, p, mode, out, x.shape[:2])
+
+
+# --------------------------------------------------------------------------------------
+# Block-sparse kernels (multiscale Sinkhorn): each cluster of rows reduces over some ranges
+# of columns only
+# --------------------------------------------------------------------------------------
+
+
+def _prepare_ranges(x, y, h, eps, p, row_ranges, col_ptr, col_ranges):
+    x, y = _points(x, y)
+    eps = _temperature(eps, p)
+    blocks, layout = _blocks(row_ranges, col_ptr, col_ranges, x.shape[1], y.shape[1])
+    yT = _columns(y, x.dtype, layout)
+    h2 = _log2_weights(h, (*y.shape[:2], layout[1]), x.dtype, layout[0])
+    return x, y, eps, yT, h2, blocks, layout
+
+
+def softmin_ranges(x, y, h, eps, p, row_ranges, col_ptr, col_ranges, out):
+    """:func:`softmin` over the kept pairs only: ``out[b, i] = -eps * log sum_j exp(h[b, j]
+    - C(x[b, i], y[b, j]) / eps)``, ``j`` in the column ranges of the cluster of row ``i``.
+
+    The rows and columns are sorted by cluster. ``row_ranges (Kx, 2)``: the ``[start,
+    stop)`` rows of each row cluster, consecutive, non-empty, covering ``[0, N)``.
+    ``col_ranges (nnz, 2)``: non-empty ``[start, stop)`` column ranges within ``[0, M)``;
+    the rows of cluster ``I`` reduce over ``col_ranges[col_ptr[I]:col_ptr[I + 1]]``
+    (sorted, non-overlapping), ``col_ptr (Kx + 1,)`` a CSR pointer; all integer arrays
+    (int64), the same pattern for every batch item. A row cluster without columns gives
+    ``+inf``. Other arguments as in :func:`softmin`; the cost is that of the kept pairs
+    (plus the padding of each range to a multiple of ``_PAD`` columns). Returns ``None``.
+    """
+    x, y, eps, yT, h2, blocks, _ = _prepare_ranges(x, y, h, eps, p, row_ranges, col_ptr, col_ranges)
+    _run(x, yT, h2, yT, _LOG2E / (p * eps), eps, p, _MODE_SOFTMIN, out, x.shape[:2], blocks)
+
+
+def softmin_grad_ranges(x, y, h, eps, p, row_ranges, col_ptr, col_ranges, out):
+    """:func:`softmin_grad` over the kept pairs only, see :func:`softmin_ranges` (zeros for a
+    row cluster without columns). Returns ``None``."""
+    x, y, eps, yT, h2, blocks, _ = _prepare_ranges(x, y, h, eps, p, row_ranges, col_ptr, col_ranges)
+    _run(x, yT, h2, yT, _LOG2E / (p * eps), eps, p, _MODE_GRAD, out, x.shape, blocks)
+
+
+def softmax_weighted_sum_ranges(x, y, h, eps, p, v, row_ranges, col_ptr, col_ranges, out):
+    """:func:`softmax_weighted_sum` over the kept pairs only, see :func:`softmin_ranges`
+    (zeros for a row cluster without columns). Returns ``None``."""
+    x, y, eps, yT, h2, blocks, layout = _prepare_ranges(
+        x, y, h, eps, p, row_ranges, col_ptr, col_ranges
+    )
+    if not isinstance(v, np.ndarray) or v.dtype != x.dtype:
+        raise TypeError(f"v must be a {x.dtype} NumPy array")
+    if v.ndim != 3 or v.shape[:2] != y.shape[:2]:
+        raise ValueError(f"v must be a (B, M, K) array with (B, M) = {y.shape[:2]}, not {v.shape}")
+    vT = _columns(v, x.dtype, layout)
+    shape = (*x.shape[:2], v.shape[2])
+    _run(x, yT, h2, vT, _LOG2E / (p * eps), eps, p, _MODE_WEIGHTED, out, shape, blocks)

@@ -17,14 +17,15 @@ memory, synchronise, and each thread folds the tile into its own row. ``cols`` i
 
 Each row keeps one streaming ("online") log-sum-exp: a running maximum ``m`` of the
 exponents ``t_j = h_j - C_ij / eps`` and the sum ``sum_j exp(t_j - m)``, rescaled on the
-rare occasions when ``m`` grows. Every term is at most 1, so nothing overflows, for any
-``eps`` (``1e-8`` included), and a log-weight of ``LOG_ZERO = -1e30`` only wins when every
-weight of the row is zero. Within a tile, sums are accumulated in the compute dtype;
+rare occasions when ``m`` grows: one ``exp`` per pair. Every term is at most 1, so nothing
+overflows, for any ``eps`` (``1e-8`` included), and a log-weight of ``LOG_ZERO = -1e30``
+only wins when every weight of the row is zero. The kernel sums need no shift (their
+terms are at most ``|v_j|``). Within a tile, sums are accumulated in the compute dtype;
 tiles are added in float64 (as the CPU kernels do with their blocks of columns).
 
 ``D`` and ``K`` (the columns of ``v``) are compile-time constants, so that the point
 ``x_i`` and the accumulators live in registers: one kernel is compiled per reduction,
-``p``, ``D``, ``K`` and dtype (a fraction of a second each, on first use), for
+``p``, ``D``, ``K`` and dtype (about a second each, on first use), for
 ``1 <= D, K <=`` :data:`MAX_DIM`; larger dimensions raise a ``ValueError``.
 
 Block-sparse reductions
@@ -44,9 +45,10 @@ The public functions take arrays with ``__cuda_array_interface__`` (CuPy, ...), 
 zero-copy with ``numba.cuda.as_cuda_array``, in any layout (strides are honoured), and
 write into ``out``; they launch on ``stream`` (a Numba stream, e.g.
 ``numba.cuda.external_stream(cupy_stream.ptr)``; ``0``: the default stream) and return
-without synchronising. NumPy arrays are accepted too: Numba then copies them to the GPU
-and back around the launch, and under Numba's simulator (``NUMBA_ENABLE_CUDASIM=1``)
-they run on the CPU, which is how the tests check these kernels without a GPU.
+without synchronising. NumPy arrays are accepted too (made contiguous; Numba copies them
+to the GPU and back around the launch, synchronously): under Numba's simulator
+(``NUMBA_ENABLE_CUDASIM=1``) they run on the CPU, which is how the tests check these
+kernels without a GPU.
 
 This module imports nothing from ``ot_agnostic``; ``numba.cuda`` is imported on first use.
 """
@@ -237,10 +239,14 @@ def _build(mode, p, D, K, dtype_name, rows, cols):
 # --------------------------------------------------------------------------------------
 
 
-def _check(name, a, shape, dtype):
-    """``a`` must be an array (CUDA or NumPy) of ``shape`` and ``dtype``."""
+def _require_array(name, a):
     if not hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a CUDA array (e.g. CuPy) or a NumPy array")
+
+
+def _check(name, a, shape, dtype):
+    """``a`` must be an array (CUDA or NumPy) of ``shape`` and ``dtype``."""
+    _require_array(name, a)
     if np.dtype(a.dtype) != dtype:
         raise TypeError(f"{name} must be a {dtype} array, not {a.dtype}")
     if tuple(a.shape) != shape:
@@ -249,6 +255,8 @@ def _check(name, a, shape, dtype):
 
 def _points(x, y):
     """``(B, N, M, D, dtype)`` of ``x (B, N, D)``, ``y (B, M, D)`` (float32 or float64)."""
+    _require_array("x", x)
+    _require_array("y", y)
     if len(x.shape) != 3 or len(y.shape) != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(
             f"x and y must be (B, N, D) and (B, M, D) arrays, not {tuple(x.shape)} and {tuple(y.shape)}"
@@ -257,8 +265,6 @@ def _points(x, y):
     if np.dtype(y.dtype) != dtype or dtype not in (np.float32, np.float64):
         raise TypeError(f"x and y must both be float32 or both float64, not {x.dtype} and {y.dtype}")
     B, N, D = (int(n) for n in x.shape)
-    _check("x", x, (B, N, D), dtype)
-    _check("y", y, (B, int(y.shape[1]), D), dtype)
     if not 1 <= D <= MAX_DIM:
         raise ValueError(f"the points must have 1 to {MAX_DIM} coordinates (D), not {D}")
     return B, N, int(y.shape[1]), D, dtype
@@ -283,9 +289,12 @@ def _on_device(a):
 
 
 def _launch(mode, p, K, shape, x, y, h, v, fac, eps, out, stream, ranges):
+    """Compile (once) and launch the kernel of ``mode`` on a ``(row blocks, B)`` grid."""
     B, N, M, D = shape
     if B == 0 or N == 0:
         return
+    if B > 65535:  # the grid's second dimension
+        raise ValueError(f"the CUDA kernels take at most 65535 batch entries (B), not {B}")
     rows = ROWS_PER_BLOCK
     blocks = -(-N // rows)
     row_ptr = col_ranges = None

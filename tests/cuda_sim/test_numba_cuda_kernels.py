@@ -323,6 +323,11 @@ def test_bad_arguments_raise(rng):
         nk.softmin(x, y, h.astype(np.float32), 0.1, 2, out)
     with pytest.raises(TypeError, match="CUDA array"):
         nk.softmin(x, y, h.tolist(), 0.1, 2, out)
+    with pytest.raises(TypeError, match="x must be a CUDA array"):
+        nk.softmin(x.tolist(), y, h, 0.1, 2, out)
+    with pytest.raises(ValueError, match="65535 batch entries"):
+        many = np.zeros((65536, 1, 1))
+        nk.softmin(many, many, np.zeros((65536, 1)), 0.1, 2, np.empty((65536, 1)))
 
 
 def test_module_imports_only_numpy_math_functools():

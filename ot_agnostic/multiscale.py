@@ -1,0 +1,289 @@
+"""Multiscale Sinkhorn: eps-scaling on cluster centroids, then block-sparse on the points.
+
+The algorithm of GeomLoss (Feydy 2020, Algorithm 3.6), run on any plugin:
+
+1. both clouds are cut into grid cells of side ``cluster_scale`` and sorted by cell
+   (:mod:`ot_agnostic.clustering`): each cluster is a contiguous range of points with a
+   centroid and a mass;
+2. the eps-scaling loop runs on the cluster measures while ``eps`` is larger than
+   ``cluster_scale**p`` (the clusters are then finer than the blur of the transport plan);
+3. at the jump, the four potentials are extrapolated to the points by one softmin against
+   the centroids, and the cluster pairs whose coupling is negligible,
+   ``f_I + g_J - C(x_I, y_J) < -truncate * eps`` (coarse potentials and centroids), are
+   dropped: each cluster of ``x`` keeps a few contiguous column ranges of ``y``;
+4. the loop goes on with block-sparse softmins on the points, down to ``eps = blur**p``,
+   and the final extrapolation (which carries the gradients) is block-sparse too.
+
+The jump happens at the last temperature that is still above ``cluster_scale**p``, and
+never after the last iteration: at least the final extrapolation runs on the points.
+Memory: ``O(N + M)`` for the points plus ``O(Kx * Ky)`` booleans for the kept cluster
+pairs. Batches are solved one item after the other (each item has its own clusters).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._array_api import requires_grad, safe_log, stop_gradient
+from .backends import Method
+from .backends._base import BlockSparsity
+from .clustering import default_cluster_scale, grid_clusters
+from .sinkhorn import (
+    Geometries,
+    Gradients,
+    Potentials,
+    SinkhornResult,
+    _average,
+    _max_change,
+    _sinkhorn_step,
+    dampening,
+    envelope_gradients,
+    epsilon_schedule,
+    max_diameter,
+    sinkhorn_cost,
+)
+
+#: GeomLoss's default: keep the cluster pairs whose coupling is above ``exp(-truncate)``.
+DEFAULT_TRUNCATE = 5.0
+SETTLE = 0
+#: Multiscale works on grids: up to this dimension.
+MAX_DIM = 3
+
+
+def jump_index(eps_list, cluster_scale: float, p: int) -> int:
+    """The iteration after which the loop leaves the clusters for the points.
+
+    As GeomLoss: the iteration before the first temperature (from the third on) that is
+    below ``cluster_scale**p``; the last iteration if there is none.
+    """
+    for i, eps in enumerate(eps_list[2:]):
+        if cluster_scale**p > eps:
+            return i + 1
+    return len(eps_list) - 1
+
+
+def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate, *, xp):
+    """``keep[I, J] = f_I + g_J - C(x_I, y_J) >= -truncate * eps``, a host boolean array."""
+    c = cost.matrix(centroids_x[None, ...], centroids_y[None, ...], xp=xp)[0, ...]
+    keep = coarse_f[:, None] + coarse_g[None, :] - c >= -truncate * eps
+    return _host(keep)
+
+
+class MultiscaleProblem:
+    """One batch item: sorted points, their clusters, and the geometries at both scales."""
+
+    def __init__(self, x, y, a, b, cost, plugin, cluster_scale, *, xp):
+        self.xp, self.cost, self.plugin = xp, cost, plugin
+        self.cx = grid_clusters(stop_gradient(x), stop_gradient(a), cluster_scale, xp=xp)
+        self.cy = grid_clusters(stop_gradient(y), stop_gradient(b), cluster_scale, xp=xp)
+        take = xp.take
+        # sorted points, batch axis of 1 for the plugins; x and y keep autograd
+        self.x = take(x, self.cx.perm, axis=0)[None, ...]
+        self.y = take(y, self.cy.perm, axis=0)[None, ...]
+        self.a = take(a, self.cx.perm)[None, :]
+        self.b = take(b, self.cy.perm)[None, :]
+        self.xc, self.yc = self.cx.centroids[None, ...], self.cy.centroids[None, ...]
+        self.log_ac = safe_log(self.cx.masses, xp=xp)[None, :]
+        self.log_bc = safe_log(self.cy.masses, xp=xp)[None, :]
+
+    def dense(self, x1, x2):
+        """A plugin geometry (online: no N x M matrix) between two point sets."""
+        return self.plugin.geometry(x1, x2, self.cost, Method.ONLINE, xp=self.xp)
+
+    def coarse_geometries(self, debias):
+        xy = self.dense(self.xc, self.yc)
+        extra = (self.dense(self.xc, self.xc), self.dense(self.yc, self.yc)) if debias else ()
+        return Geometries(xy, xy.transpose(), *extra)
+
+    def fine_geometries(self, keeps, x, y):
+        """Block-sparse geometries from the kept cluster pairs (``x``, ``y``: rows tracked or not)."""
+        build = self.plugin.block_sparse_geometry
+        rx, ry = self.cx.ranges, self.cy.ranges
+        xy = build(x, stop_gradient(self.y), self.cost, BlockSparsity(rx, ry, keeps[0]), xp=self.xp)
+        yx = build(y, stop_gradient(self.x), self.cost, BlockSparsity(ry, rx, keeps[0].T), xp=self.xp)
+        if len(keeps) == 1:
+            return Geometries(xy, yx)
+        xx = build(x, stop_gradient(self.x), self.cost, BlockSparsity(rx, rx, keeps[1]), xp=self.xp)
+        yy = build(y, stop_gradient(self.y), self.cost, BlockSparsity(ry, ry, keeps[2]), xp=self.xp)
+        return Geometries(xy, yx, xx, yy)
+
+    def extrapolate(self, pot: Potentials, eps, damping) -> Potentials:
+        """The coarse potentials carried to the points: one softmin against the centroids."""
+        x, y = stop_gradient(self.x), stop_gradient(self.y)
+        f_ba = damping * self.dense(x, self.yc).softmin(eps, self.log_bc + pot.g_ab / eps)
+        g_ab = damping * self.dense(y, self.xc).softmin(eps, self.log_ac + pot.f_ba / eps)
+        if pot.f_aa is None:
+            return Potentials(f_ba, g_ab)
+        f_aa = damping * self.dense(x, self.xc).softmin(eps, self.log_ac + pot.f_aa / eps)
+        g_bb = damping * self.dense(y, self.yc).softmin(eps, self.log_bc + pot.g_bb / eps)
+        return Potentials(f_ba, g_ab, f_aa, g_bb)
+
+    def keeps(self, pot: Potentials, eps, truncate):
+        """The kept cluster pairs of OT(a, b) (and of OT(a, a), OT(b, b) when debiased)."""
+        xp = self.xp
+        keeps = [truncation(pot.f_ba[0, ...], pot.g_ab[0, ...], self.xc[0, ...], self.yc[0, ...], self.cost, eps, truncate, xp=xp)]
+        if pot.f_aa is not None:
+            keeps.append(truncation(pot.f_aa[0, ...], pot.f_aa[0, ...], self.xc[0, ...], self.xc[0, ...], self.cost, eps, truncate, xp=xp))
+            keeps.append(truncation(pot.g_bb[0, ...], pot.g_bb[0, ...], self.yc[0, ...], self.yc[0, ...], self.cost, eps, truncate, xp=xp))
+        return keeps
+
+
+def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None):
+    """Run the two-scale loop on one item; returns ``(pot, last, change, loop geometries, keeps)``."""
+    xp = problem.xp
+    geoms = problem.coarse_geometries(debias)
+    log_a, log_b = problem.log_ac, problem.log_bc
+    zeros_x, zeros_y = xp.zeros_like(log_a), xp.zeros_like(log_b)
+    start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if debias else ()))
+    pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
+    keeps = None
+    for i, eps in enumerate(eps_list):
+        damping = dampening(eps, rho)
+        pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, damping))
+        if i == jump:
+            keeps = problem.keeps(pot, eps, truncate)
+            pot = problem.extrapolate(pot, eps, damping)
+            geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
+            log_a = safe_log(stop_gradient(problem.a), xp=xp)
+            log_b = safe_log(stop_gradient(problem.b), xp=xp)
+            for _ in range(SETTLE):
+                pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, damping))
+        if progress is not None:
+            progress(i + 1, len(eps_list) + 1)
+    eps = eps_list[-1]
+    last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
+    tracked = any(requires_grad(t) for t in (problem.x, problem.y))
+    final = problem.fine_geometries(keeps, problem.x, problem.y) if tracked else geoms
+    out = _sinkhorn_step(final, last, log_a, log_b, eps, dampening(eps, rho))
+    if progress is not None:
+        progress(len(eps_list) + 1, len(eps_list) + 1)
+    return out, last, _max_change(last, out, xp=xp), geoms, keeps
+
+
+def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,
+                     truncate=DEFAULT_TRUNCATE, cluster_scale=None) -> SinkhornResult:
+    """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields)."""
+    xp = measures.xp
+    B, N, M, D = measures.shape
+    if D > MAX_DIM:
+        raise ValueError(
+            f"backend='multiscale' clusters the points on a grid and supports D <= {MAX_DIM}, "
+            f"got D={D}; use backend='online' (O(N + M) memory) instead."
+        )
+    p = cost.p
+    if diameter is None:
+        diameter = max_diameter(stop_gradient(measures.x), stop_gradient(measures.y), xp=xp)
+    eps_list = epsilon_schedule(p, diameter, blur, scaling)
+    eps = eps_list[-1]
+    rho = None if reach is None else reach**p
+    scale = default_cluster_scale(diameter, D) if cluster_scale is None else float(cluster_scale)
+    jump = jump_index(eps_list, scale, p)
+
+    items = []
+    for k in range(B):
+        problem = MultiscaleProblem(
+            measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost, selection.plugin, scale, xp=xp
+        )
+        items.append((problem, *solve_item(problem, eps_list, rho, jump, truncate, debias)))
+    values = [sinkhorn_cost(eps, rho, it[0].a, it[0].b, it[1], debias=debias, xp=xp) for it in items]
+    value = xp.concat(values, axis=0)
+
+    def unsorted(name):
+        parts = []
+        for problem, pot, *_ in items:
+            v = getattr(pot, name)
+            if v is None:
+                return None
+            perm = problem.cx.perm if name in ("f_ba", "f_aa") else problem.cy.perm
+            parts.append(xp.take(v[0, ...], _inverse(perm, xp), axis=0)[None, :])
+        return measures.unbatch(xp.concat(parts, axis=0))
+
+    change = max(it[3] for it in items)
+    state = _MultiscaleState(measures, items, eps, rho, debias)
+    return MultiscaleResult(
+        value=measures.unbatch(value),
+        f=unsorted("f_ba"), g=unsorted("g_ab"), f_aa=unsorted("f_aa"), g_bb=unsorted("g_bb"),
+        eps_schedule=eps_list, n_iter=len(eps_list), max_change=change, eps=eps, rho=rho,
+        backend=f"{selection.plugin.id.value}/multiscale",
+        _state=state,
+    )
+
+
+class _MultiscaleState:
+    def __init__(self, measures, items, eps, rho, debias):
+        self.measures, self.items, self.eps, self.rho, self.debias = measures, items, eps, rho, debias
+
+    @property
+    def kept_fraction(self) -> float:
+        """The fraction of the ``N x M`` pairs of OT(a, b) that the fine iterations reduce over."""
+        kept = total = 0
+        for problem, *_rest, keeps in self.items:
+            sparsity = BlockSparsity(problem.cx.ranges, problem.cy.ranges, keeps[0])
+            kept += sparsity.kept_pairs
+            total += problem.x.shape[1] * problem.y.shape[1]
+        return kept / total
+
+
+class MultiscaleResult(SinkhornResult):
+    """A :class:`~ot_agnostic.sinkhorn.SinkhornResult` from ``backend="multiscale"``.
+
+    ``gradient()`` works as for the other backends; the dense plan helpers are not
+    available (use ``backend="online"`` for plans). ``kept_fraction``: the share of the
+    ``N x M`` pairs the fine iterations visited.
+    """
+
+    @property
+    def kept_fraction(self) -> float:
+        return self._state.kept_fraction
+
+    @property
+    def plan_shape(self):
+        raise NotImplementedError(
+            "transport plans are not available from backend='multiscale' results; "
+            "run backend='online' (or 'tensorized') for plan(), plan_rows(), plan_blocks()."
+        )
+
+    def plan_rows(self, start=0, stop=None):
+        return self.plan_shape
+
+    def plan_blocks(self, rows=None):
+        return self.plan_shape
+
+    def plan(self, max_entries=None):
+        return self.plan_shape
+
+    def gradient(self) -> Gradients:
+        state = self._state
+        m, xp = state.measures, state.measures.xp
+        parts = []
+        for problem, pot, last, _change, geoms, _keeps in state.items:
+            log_a = safe_log(stop_gradient(problem.a), xp=xp)
+            log_b = safe_log(stop_gradient(problem.b), xp=xp)
+            sorted_grads = envelope_gradients(
+                geoms, last, Potentials(*(None if v is None else stop_gradient(v) for v in pot)),
+                log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b),
+                state.eps, state.rho, debias=state.debias, xp=xp,
+            )
+            inv_x, inv_y = _inverse(problem.cx.perm, xp), _inverse(problem.cy.perm, xp)
+            parts.append(Gradients(
+                xp.take(sorted_grads.x[0, ...], inv_x, axis=0)[None, ...],
+                xp.take(sorted_grads.y[0, ...], inv_y, axis=0)[None, ...],
+                xp.take(sorted_grads.a[0, ...], inv_x, axis=0)[None, ...],
+                xp.take(sorted_grads.b[0, ...], inv_y, axis=0)[None, ...],
+            ))
+        return Gradients(*(m.unbatch(stop_gradient(xp.concat(g, axis=0))) for g in zip(*parts)))
+
+
+def _inverse(perm, xp):
+    return xp.argsort(perm)
+
+
+def _host(x):
+    import array_api_compat
+
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
