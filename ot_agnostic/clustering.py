@@ -39,9 +39,36 @@ class Clusters:
         return int(self.ranges.shape[0])
 
 
-def default_cluster_scale(diameter: float, dim: int) -> float:
+#: The default cluster size aims at no fewer points per occupied cell, on average.
+POINTS_PER_CELL = 100
+
+
+def geomloss_cluster_scale(diameter: float, dim: int) -> float:
     """GeomLoss's rule: ``diameter / (sqrt(D) * 2000**(1/D))``, about 2000 cells in the box."""
     return diameter / (math.sqrt(dim) * CELLS_PER_DIAMETER ** (1.0 / dim))
+
+
+def default_cluster_scale(diameter: float, dim: int, blur: float, n_points: int) -> float:
+    """``min(geomloss, max(blur, crowded))``: the default side of the grid cells.
+
+    ``geomloss = diameter / (sqrt(D) * 2000**(1/D))`` (GeomLoss's default, never exceeded);
+    below it, cells as small as the ``blur``, which lets the loop stay on the clusters
+    longer and keeps fewer cluster pairs after truncation (about 7% instead of 26% of the
+    pairs for uniform data at ``blur = 0.05``), but no smaller than
+    ``crowded = diameter / sqrt(D) * (100 / n_points)**(1/D)``, the size of cells that
+    hold about 100 points each for a cloud that fills its box (smaller ones cost more per
+    kept pair than they save).
+
+    Examples
+    --------
+    >>> diameter = 3**0.5  # the unit cube
+    >>> round(default_cluster_scale(diameter, 3, 0.05, 1_000_000), 4)  # the blur
+    0.05
+    >>> round(default_cluster_scale(diameter, 3, 0.05, 20_000), 4)  # GeomLoss's, for small N
+    0.0794
+    """
+    crowded = diameter / math.sqrt(dim) * (POINTS_PER_CELL / max(n_points, 1)) ** (1.0 / dim)
+    return min(geomloss_cluster_scale(diameter, dim), max(blur, crowded))
 
 
 def grid_clusters(x, a, scale: float, *, xp) -> Clusters:

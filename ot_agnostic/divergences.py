@@ -59,9 +59,9 @@ def sinkhorn(
         clusters whose coupling ``exp((f_I + g_J - C(x_I, y_J)) / eps)`` is below
         ``exp(-truncate)`` are skipped (GeomLoss's default, 5). Larger is more accurate.
     cluster_scale : multiscale only: the side of the grid cells that cluster the points
-        (D <= 3). Default: GeomLoss's ``diameter / (sqrt(D) * 2000**(1/D))``, about 2000
-        cells in the bounding box; the loop leaves the clusters for the points once
-        ``eps < cluster_scale**p``.
+        (D <= 3); the loop leaves the clusters for the points once ``eps < cluster_scale**p``.
+        Default: see :func:`ot_agnostic.clustering.default_cluster_scale` (GeomLoss's
+        ``diameter / (sqrt(D) * 2000**(1/D))`` for small clouds, down to ``blur`` for large ones).
 
     Returns
     -------

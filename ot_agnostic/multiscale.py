@@ -176,7 +176,10 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
     eps_list = epsilon_schedule(p, diameter, blur, scaling)
     eps = eps_list[-1]
     rho = None if reach is None else reach**p
-    scale = default_cluster_scale(diameter, D) if cluster_scale is None else float(cluster_scale)
+    if cluster_scale is None:
+        scale = default_cluster_scale(diameter, D, blur, max(N, M))
+    else:
+        scale = float(cluster_scale)
     jump = jump_index(eps_list, scale, p)
 
     items = []
@@ -234,6 +237,7 @@ class MultiscaleResult(SinkhornResult):
 
     @property
     def kept_fraction(self) -> float:
+        """The share of the ``N x M`` pairs of ``OT(a, b)`` that the fine iterations visit."""
         return self._state.kept_fraction
 
     @property
@@ -253,6 +257,10 @@ class MultiscaleResult(SinkhornResult):
         return self.plan_shape
 
     def gradient(self) -> Gradients:
+        """Gradients with respect to ``x``, ``y``, ``a``, ``b`` (envelope theorem), in the input order.
+
+        From the block-sparse geometries of the final step, as torch autograd gives them.
+        """
         state = self._state
         m, xp = state.measures, state.measures.xp
         parts = []

@@ -116,7 +116,7 @@ def test_keops_by_name_runs_keops_at_any_size(backend):
     "x, backend, match",
     [
         (np.zeros((5, D)), "keops", "runs torch float32/float64 tensors on cpu or cuda, not numpy float64"),
-        (torch.zeros(5, D), "keops/tensorized", "runs 'online', not 'tensorized'"),
+        (torch.zeros(5, D), "keops/tensorized", "runs 'online' or 'multiscale', not 'tensorized'"),
         (torch.zeros(5, D), "keops/multi", "unknown backend 'keops/multi'"),
         (torch.zeros(5, D), "keop/online", "the part before '/' must be a plugin"),
     ],
@@ -443,3 +443,23 @@ def test_warmup_compiles_what_a_call_then_uses():
 def test_warmup_rejects_other_backends():
     with pytest.raises(ValueError, match="warmup knows backend='numba' and backend='keops', not 'array_api'"):
         ota.warmup(backend="array_api")
+
+
+@pytest.mark.parametrize("reach", [None, 0.4])
+def test_multiscale_with_keops_ranges_matches_numpy(reach):
+    """KeOps block-sparse reductions (``ranges``) inside the multiscale solver: same value and
+    gradients as the NumPy (Numba) multiscale path on the same data, autograd included."""
+    rng = np.random.default_rng(4)
+    x, y = rng.random((300, D)), rng.random((250, D)) + 0.1
+    b = np.full(250, (1.3 if reach else 1.0) / 250)
+    kw = dict(blur=0.05, scaling=0.7, cluster_scale=0.15, reach=reach)
+    value, grads = ota.value_and_grad(x, y, b=b, backend="multiscale", **kw)
+    leaves = [torch.tensor(t, requires_grad=True) for t in (x, y, b)]
+    res = ota.sinkhorn(leaves[0], leaves[1], b=leaves[2], backend="keops/multiscale", **kw)
+    assert res.backend == "keops/multiscale" and 0 < res.kept_fraction < 1
+    res.value.backward()
+    _close(res.value, value, "float64")
+    for leaf, expected in zip(leaves, (grads.x, grads.y, grads.b)):
+        _close(leaf.grad, expected, "float64")
+    for mine, expected in zip(res.gradient(), grads):
+        _close(mine, expected, "float64")

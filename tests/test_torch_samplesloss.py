@@ -467,5 +467,5 @@ def test_keops_by_name_matches_tensorized(loss):
     mine = SamplesLoss(loss, backend="keops")(x, y)
     ref = SamplesLoss(loss, backend="tensorized")(x, y)
     torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="runs 'online', not 'tensorized'"):
+    with pytest.raises(ValueError, match="runs 'online' or 'multiscale', not 'tensorized'"):
         SamplesLoss(loss, backend="keops/tensorized")(x, y)

@@ -38,7 +38,7 @@ import logging
 
 import array_api_compat
 
-from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error
+from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error, prefers_multiscale
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -109,6 +109,41 @@ class KeOpsGeometry:
         return KeOpsGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
 
 
+class KeOpsBlockSparseGeometry(KeOpsGeometry):
+    """:class:`KeOpsGeometry` over the kept cluster pairs of ``sparsity`` (multiscale, ``B = 1``):
+    KeOps' block-sparse reductions (``ranges``)."""
+
+    def __init__(self, x, y, cost, sparsity, *, xp, kernels=None):
+        super().__init__(x, y, cost, xp=xp, kernels=kernels)
+        if x.shape[0] != 1:
+            raise ValueError("block-sparse KeOps geometries take one batch item at a time")
+        self.sparsity = sparsity
+        t = sparsity.transpose()
+        self.ranges = self.kernels.keops_ranges(
+            sparsity.row_ranges, sparsity.col_ptr, sparsity.col_ranges,
+            t.row_ranges, t.col_ptr, t.col_ranges, x.device,
+        )
+
+    def softmin(self, eps, h):
+        return self.kernels.softmin_ranges(self.x[0], self.y[0], h[0], eps, self.cost.p, self.ranges)[None, :]
+
+    def softmin_grad(self, eps, h):
+        return self.kernels.softmin_grad_ranges(self.x[0], self.y[0], h[0], eps, self.cost.p, self.ranges)[None, ...]
+
+    def softmax_weighted_sum(self, eps, h, v):
+        return self.kernels.softmax_weighted_sum_ranges(
+            self.x[0], self.y[0], h[0], v[0], eps, self.cost.p, self.ranges
+        )[None, ...]
+
+    def kernel_sum(self, kernel, v):
+        raise NotImplementedError("kernel norms have no block-sparse form: use backend='online'.")
+
+    def transpose(self):
+        return KeOpsBlockSparseGeometry(
+            self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp, kernels=self.kernels
+        )
+
+
 class KeOpsPlugin:
     """Runs torch float32/float64 tensors (CPU, CUDA) through KeOps ("online" and large "auto")."""
 
@@ -125,8 +160,8 @@ class KeOpsPlugin:
         return error is None
 
     def unsupported_error(self, xp, x, method):
-        if method not in (Method.AUTO, Method.ONLINE):
-            return method_error(self.id, method, (Method.ONLINE,))
+        if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
+            return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
         supported = (
             array_api_compat.is_torch_array(x)
             and _dtype_name(x) in SELF_TEST_RTOL
@@ -166,10 +201,15 @@ class KeOpsPlugin:
         if method is not Method.AUTO:
             return method
         B, N, M, _ = shape
-        return Method.ONLINE if B * max(N, M) ** 2 > KEOPS_MIN_ENTRIES else Method.TENSORIZED
+        if B * max(N, M) ** 2 <= KEOPS_MIN_ENTRIES:
+            return Method.TENSORIZED
+        return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
     def geometry(self, x, y, cost, method, *, xp):
         return KeOpsGeometry(x, y, cost, xp=xp)
+
+    def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
+        return KeOpsBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
 
 
 def warmup(dtypes=("float32", "float64"), ps=(1, 2), dims=(3,), device="cpu") -> None:

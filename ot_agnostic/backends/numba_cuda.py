@@ -39,7 +39,7 @@ import numpy as np
 from .._array_api import device_of, to_float
 from ..costs import Cost, Kernel
 from ..kernels.numba_cuda import MAX_DIM  # plain constants: imports neither numba nor CUDA
-from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error
+from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error, prefers_multiscale
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -130,6 +130,76 @@ class NumbaCudaGeometry:
         return NumbaCudaGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
 
 
+class NumbaCudaBlockSparseGeometry(NumbaCudaGeometry):
+    """:class:`NumbaCudaGeometry` over the kept cluster pairs of ``sparsity`` (multiscale).
+
+    The kernels take their column ranges per block of ``ROWS_PER_BLOCK`` rows: a block that
+    straddles several row clusters reduces over the union of their kept clusters, a
+    superset of each row's own pairs (never fewer pairs than the CPU plugins).
+    """
+
+    def __init__(self, x, y, cost, sparsity, *, xp, kernels=None):
+        super().__init__(x, y, cost, xp=xp, kernels=kernels)
+        self.sparsity = sparsity
+        self._ranges = None
+
+    def ranges(self):
+        """``(row_ptr, col_ranges)`` per block of rows, on the inputs' device (built once)."""
+        if self._ranges is None:
+            per_block = rows_per_block_sparsity(self.sparsity, self.kernels.ROWS_PER_BLOCK)
+            self._ranges = tuple(
+                self.xp.asarray(a, device=device_of(self.x)) if array_api_compat.is_cupy_array(self.x) else a
+                for a in (per_block.col_ptr, per_block.col_ranges)
+            )
+        return self._ranges
+
+    def softmin(self, eps, h):
+        with self._launch(self.shape[:2]) as (out, stream):
+            self.kernels.softmin(
+                self.x, self.y, self._cast(h), eps, self.cost.p, out, stream=stream, ranges=self.ranges()
+            )
+        return out
+
+    def softmin_grad(self, eps, h):
+        with self._launch(self.x.shape) as (out, stream):
+            self.kernels.softmin_grad(
+                self.x, self.y, self._cast(h), eps, self.cost.p, out, stream=stream, ranges=self.ranges()
+            )
+        return out
+
+    def softmax_weighted_sum(self, eps, h, v):
+        with self._launch(self.shape[:2] + (v.shape[2],)) as (out, stream):
+            self.kernels.softmax_weighted_sum(
+                self.x, self.y, self._cast(h), eps, self.cost.p, self._cast(v), out,
+                stream=stream, ranges=self.ranges(),
+            )
+        return out
+
+    def kernel_sum(self, kernel, v):
+        raise NotImplementedError("kernel norms have no block-sparse form: use backend='online'.")
+
+    def transpose(self):
+        return NumbaCudaBlockSparseGeometry(
+            self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp, kernels=self.kernels
+        )
+
+
+def rows_per_block_sparsity(sparsity, rows: int):
+    """The cluster pattern regrouped by blocks of ``rows`` rows: each block keeps the union
+    of the kept column clusters of the row clusters it overlaps."""
+    from ._base import BlockSparsity
+
+    N = int(sparsity.row_ranges[-1, 1])
+    starts = np.arange(0, N, rows)
+    blocks = np.stack([starts, np.minimum(starts + rows, N)], axis=1)
+    first = np.searchsorted(sparsity.row_ranges[:, 1], blocks[:, 0], side="right")
+    last = np.searchsorted(sparsity.row_ranges[:, 0], blocks[:, 1], side="left")
+    keep = np.zeros((len(blocks), sparsity.keep.shape[1]), dtype=bool)
+    for k, (i0, i1) in enumerate(zip(first, last)):
+        keep[k] = sparsity.keep[i0:i1].any(axis=0)
+    return BlockSparsity(blocks, sparsity.col_clusters, keep)
+
+
 class NumbaCudaPlugin:
     """Runs CuPy float32/float64 arrays (``D <= 64``) through Numba CUDA kernels ("online" only).
 
@@ -150,8 +220,8 @@ class NumbaCudaPlugin:
         return error is None
 
     def unsupported_error(self, xp, x, method):
-        if method not in (Method.AUTO, Method.ONLINE):
-            return method_error(self.id, method, (Method.ONLINE,))
+        if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
+            return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
         gpu = array_api_compat.is_cupy_array(x) or (self.host_arrays and isinstance(x, np.ndarray))
         if not gpu or _dtype_name(x) not in SELF_TEST_RTOL:
             return ValueError(
@@ -196,7 +266,12 @@ class NumbaCudaPlugin:
         return None
 
     def resolve(self, method, shape):
-        return Method.ONLINE
+        if method is not Method.AUTO:
+            return method
+        return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
     def geometry(self, x, y, cost, method, *, xp):
         return NumbaCudaGeometry(x, y, cost, xp=xp)
+
+    def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
+        return NumbaCudaBlockSparseGeometry(x, y, cost, sparsity, xp=xp)

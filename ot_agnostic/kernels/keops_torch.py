@@ -36,8 +36,8 @@ from __future__ import annotations
 import functools
 
 __all__ = [
-    "KERNELS", "kernel_sum", "require", "self_test", "softmax_weighted_sum", "softmin",
-    "softmin_grad",
+    "KERNELS", "keops_ranges", "kernel_sum", "require", "self_test", "softmax_weighted_sum",
+    "softmax_weighted_sum_ranges", "softmin", "softmin_grad", "softmin_grad_ranges", "softmin_ranges",
 ]
 
 #: The radial kernels ``k(x, y) = phi(|x - y|)`` that :func:`kernel_sum` knows.
@@ -137,6 +137,60 @@ def _kernel_values_and_grads(x, y, v, name, blur):
 
 
 # ----------------------------------------------------------------------------------------
+# Block-sparse ("ranges") formulas: unbatched (N, D) and (M, D) points, KeOps' 2-D mode
+# ----------------------------------------------------------------------------------------
+
+
+def _i(t):
+    """A ``(N,)`` or ``(N, D)`` tensor as an ``i``-indexed 2-D LazyTensor."""
+    t = t if t.dim() == 2 else t[:, None]
+    return _lazy(t.contiguous()[:, None, :])
+
+
+def _j(t):
+    """A ``(M,)`` or ``(M, D)`` tensor as a ``j``-indexed 2-D LazyTensor."""
+    t = t if t.dim() == 2 else t[:, None]
+    return _lazy(t.contiguous()[None, :, :])
+
+
+def _cost2(x, y, p):
+    diff = _i(x) - _j(y)
+    sq = (diff**2).sum(-1)
+    if p == 2:
+        return sq / 2, diff
+    return sq.sqrt(), diff * sq.rsqrt()
+
+
+def _lse_ranges(x, y, h, eps, p, ranges):
+    cost, _ = _cost2(x, y, p)
+    return (_j(h) - cost * _param(1.0 / eps, x)).logsumexp(dim=1, ranges=ranges)[:, 0]
+
+
+def _weighted_cost_grads_ranges(x, y, a, h, u, eps, p, ranges):
+    cost, grad = _cost2(x, y, p)
+    w = (_i(a) + _j(h) - cost * _param(1.0 / eps, x)).exp() * _j(u)
+    return w.concat(w * grad).sum(dim=1, ranges=ranges)
+
+
+def keops_ranges(row_ranges, col_ptr, col_ranges, t_row_ranges, t_col_ptr, t_col_ranges, device):
+    """KeOps' 6-tuple of int32 index tensors from two CSR patterns (a pattern and its transpose)."""
+    torch, _ = _deps()
+
+    def it(a):
+        return torch.as_tensor(a, dtype=torch.int32, device=device).contiguous()
+
+    return (
+        it(row_ranges), it(col_ptr[1:]), it(col_ranges),
+        it(t_row_ranges), it(t_col_ptr[1:]), it(t_col_ranges),
+    )
+
+
+def _swap(ranges):
+    """The same 6-tuple seen from the columns."""
+    return (*ranges[3:], *ranges[:3])
+
+
+# ----------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------
 
@@ -201,7 +255,34 @@ def _autograd():
                 grad_y = v[:, :, None] * sums[:, :, 1:]
             return grad_x, grad_y, grad_v, None, None
 
-    return _Softmin, _KernelSum
+    class _SoftminRanges(torch.autograd.Function):
+        """Block-sparse ``_Softmin`` on unbatched points; ``ranges``: KeOps' 6-tuple."""
+
+        @staticmethod
+        def forward(ctx, x, y, h, eps, p, ranges):
+            lse = _lse_ranges(x, y, h, eps, p, ranges)
+            ctx.save_for_backward(x, y, h, lse)
+            ctx.eps, ctx.p, ctx.ranges = eps, p, ranges
+            return -eps * lse
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_out):
+            x, y, h, lse = ctx.saved_tensors
+            eps, p, ranges = ctx.eps, ctx.p, ctx.ranges
+            grad_x = grad_y = grad_h = None
+            # rows with nothing kept have lse = -inf: they carry no weight
+            lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+            if ctx.needs_input_grad[0]:
+                sums = _weighted_cost_grads_ranges(x, y, -lse, h, torch.ones_like(h), eps, p, ranges)
+                grad_x = grad_out[:, None] * sums[:, 1:]
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                sums = _weighted_cost_grads_ranges(y, x, h, -lse, grad_out, eps, p, _swap(ranges))
+                grad_h = -eps * sums[:, 0]
+                grad_y = sums[:, 1:]
+            return grad_x, grad_y, grad_h, None, None, None
+
+    return _Softmin, _KernelSum, _SoftminRanges
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,6 +310,26 @@ def softmax_weighted_sum(x, y, h, v, eps: float, p: int):
     """``sum_j w_ij v_j`` for ``v (B, M, K)``, ``w_ij = softmax_j(h_j - C_ij / eps)``: ``(B, N, K)``."""
     cost, _ = _cost(x, y, int(p))
     return (_cols(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_cols(v), dim=2)
+
+
+def softmin_ranges(x, y, h, eps: float, p: int, ranges):
+    """:func:`softmin` over the kept pairs of ``ranges`` (KeOps' 6-tuple, see :func:`keops_ranges`),
+    for unbatched ``x (N, D)``, ``y (M, D)``, ``h (M,)``: ``(N,)``, ``+inf`` where nothing is kept."""
+    return _autograd()[2].apply(x, y, h, float(eps), int(p), ranges)
+
+
+def softmin_grad_ranges(x, y, h, eps: float, p: int, ranges):
+    """:func:`softmin_grad` over the kept pairs, unbatched: ``(N, D)`` (zeros where nothing is kept)."""
+    torch, _ = _deps()
+    lse = -softmin_ranges(x, y, h, eps, p, ranges) / float(eps)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return _weighted_cost_grads_ranges(x, y, -lse, h, torch.ones_like(h), float(eps), int(p), ranges)[:, 1:]
+
+
+def softmax_weighted_sum_ranges(x, y, h, v, eps: float, p: int, ranges):
+    """:func:`softmax_weighted_sum` over the kept pairs, unbatched: ``(N, K)``."""
+    cost, _ = _cost2(x, y, int(p))
+    return (_j(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_j(v), dim=1, ranges=ranges)
 
 
 def kernel_sum(x, y, v, name: str, blur: float):
