@@ -165,7 +165,7 @@ def test_keops_values_potentials_and_gradients_match_geomloss(geomloss, setting)
     """Our KeOps path (backend="keops") against GeomLoss, p=2, float64."""
     pytest.importorskip("pykeops")
     debias, reach, blur, scaling, weighted, batched = setting
-    data = make_data(1, weighted, batched)
+    data = make_data(1, weighted, batched, d=3)  # D = 3: the KeOps formulas of the other tests
     kw = dict(p=2, blur=blur, reach=reach, scaling=scaling, debias=debias)
     compare(
         SamplesLoss("sinkhorn", backend="keops", **kw),
