@@ -51,6 +51,17 @@ def check_same_device(*arrays) -> None:
         )
 
 
+def to_host(x):
+    """A NumPy copy of ``x`` (for small bookkeeping arrays: cluster ranges, masks)."""
+    import numpy as np
+
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
 def requires_grad(x) -> bool:
     """True when ``x`` is an autograd array that records gradients (torch today)."""
     return bool(getattr(x, "requires_grad", False)) and array_api_compat.is_torch_array(x)

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._array_api import to_host
+
 #: GeomLoss's default cluster size: the bounding box diagonal cut into about 2000**(1/D)
 #: cells per axis (about 2000 cells for a cloud that fills its box).
 CELLS_PER_DIAMETER = 2000
@@ -92,7 +94,7 @@ def grid_clusters(x, a, scale: float, *, xp) -> Clusters:
         raise ValueError(f"cluster_scale must be positive, got {scale!r}.")
     lowest = xp.min(x, axis=0)
     cells = xp.astype(xp.floor((x - lowest) / scale), xp.int64)
-    extent = [int(v) + 1 for v in _host(xp.max(cells, axis=0), xp)]
+    extent = [int(v) + 1 for v in to_host(xp.max(cells, axis=0))]
     if math.prod(extent) >= 2**62:
         raise ValueError(
             f"cluster_scale={scale!r} cuts the bounding box into {extent} cells, too many to "
@@ -102,7 +104,7 @@ def grid_clusters(x, a, scale: float, *, xp) -> Clusters:
     for d in range(1, D):
         key = key * extent[d] + cells[:, d]
     perm = xp.argsort(key, stable=True)
-    sorted_key = _host(xp.take(key, perm), xp)
+    sorted_key = to_host(xp.take(key, perm))
     starts = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]))
     ranges = np.stack([starts, np.append(starts[1:], N)], axis=1).astype(np.int64)
     x_sorted, a_sorted = xp.take(x, perm, axis=0), xp.take(a, perm)
@@ -142,16 +144,3 @@ def _device(x):
     import array_api_compat
 
     return array_api_compat.device(x)
-
-
-def _host(x, xp):
-    """A NumPy copy of a small array (cluster bookkeeping lives on the host)."""
-    import numpy as np
-
-    import array_api_compat
-
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
-    if array_api_compat.is_cupy_array(x):
-        return x.get()
-    return np.asarray(x)

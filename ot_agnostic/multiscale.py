@@ -22,9 +22,7 @@ pairs. Batches are solved one item after the other (each item has its own cluste
 
 from __future__ import annotations
 
-import numpy as np
-
-from ._array_api import requires_grad, safe_log, stop_gradient
+from ._array_api import requires_grad, safe_log, stop_gradient, to_host
 from .backends import Method
 from .backends._base import BlockSparsity
 from .clustering import default_cluster_scale, grid_clusters
@@ -66,7 +64,7 @@ def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate
     """``keep[I, J] = f_I + g_J - C(x_I, y_J) >= -truncate * eps``, a host boolean array."""
     c = cost.matrix(centroids_x[None, ...], centroids_y[None, ...], xp=xp)[0, ...]
     keep = coarse_f[:, None] + coarse_g[None, :] - c >= -truncate * eps
-    return _host(keep)
+    return to_host(keep)
 
 
 class MultiscaleProblem:
@@ -284,14 +282,3 @@ class MultiscaleResult(SinkhornResult):
 
 def _inverse(perm, xp):
     return xp.argsort(perm)
-
-
-def _host(x):
-    import array_api_compat
-
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
-    if array_api_compat.is_cupy_array(x):
-        return x.get()
-    return np.asarray(x)
-

@@ -90,11 +90,15 @@ class Plugin(Protocol):
         """A :class:`Geometry` for ``x``, ``y`` under ``cost`` with a concrete ``method``."""
 
 
+def dtype_name(x) -> str:
+    """``"float32"`` for any library's float32 array."""
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
 def describe_arrays(x) -> str:
     """``"torch float32 arrays on cpu"``: the words error messages use for a user's arrays."""
     library = type(x).__module__.split(".")[0]
-    dtype = str(x.dtype).rsplit(".", 1)[-1]
-    return f"{library} {dtype} arrays on {getattr(x, 'device', 'cpu')}"
+    return f"{library} {dtype_name(x)} arrays on {getattr(x, 'device', 'cpu')}"
 
 
 def method_error(plugin_id: PluginId, method: Method, methods: tuple[Method, ...]) -> ValueError:

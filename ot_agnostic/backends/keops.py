@@ -38,7 +38,9 @@ import logging
 
 import array_api_compat
 
-from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error, prefers_multiscale
+from ._base import (
+    Method, PluginId, describe_arrays, dtype_name, log_fallback_once, method_error, prefers_multiscale,
+)
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -69,10 +71,6 @@ def load_kernels():
         raise ImportError(
             f"the KeOps backend is unavailable ({type(err).__name__}: {err}). {_FIX}"
         ) from err
-
-
-def _dtype_name(x) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]
 
 
 class KeOpsGeometry:
@@ -164,7 +162,7 @@ class KeOpsPlugin:
             return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
         supported = (
             array_api_compat.is_torch_array(x)
-            and _dtype_name(x) in SELF_TEST_RTOL
+            and dtype_name(x) in SELF_TEST_RTOL
             and x.device.type in ("cpu", "cuda")
         )
         if not supported:
@@ -180,7 +178,7 @@ class KeOpsPlugin:
 
     def _check(self, x) -> ImportError | None:
         """``None`` when KeOps loads and passes the self-test on ``x``'s device, else why not."""
-        dtype = _dtype_name(x)
+        dtype = dtype_name(x)
         try:
             kernels = load_kernels()
             error = kernels.self_test(x.device, x.dtype, int(x.shape[-1]))

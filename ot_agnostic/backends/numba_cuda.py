@@ -39,7 +39,9 @@ import numpy as np
 from .._array_api import device_of, to_float
 from ..costs import Cost, Kernel
 from ..kernels.numba_cuda import MAX_DIM  # plain constants: imports neither numba nor CUDA
-from ._base import Method, PluginId, describe_arrays, log_fallback_once, method_error, prefers_multiscale
+from ._base import (
+    Method, PluginId, describe_arrays, dtype_name, log_fallback_once, method_error, prefers_multiscale,
+)
 
 logger = logging.getLogger("ot_agnostic")
 
@@ -64,10 +66,6 @@ def load_kernels():
         raise ImportError(
             f"the Numba CUDA backend is unavailable ({type(err).__name__}: {err}). {_FIX}"
         ) from err
-
-
-def _dtype_name(x) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]
 
 
 class NumbaCudaGeometry:
@@ -223,7 +221,7 @@ class NumbaCudaPlugin:
         if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
             return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
         gpu = array_api_compat.is_cupy_array(x) or (self.host_arrays and isinstance(x, np.ndarray))
-        if not gpu or _dtype_name(x) not in SELF_TEST_RTOL:
+        if not gpu or dtype_name(x) not in SELF_TEST_RTOL:
             return ValueError(
                 f"the 'numba_cuda' backend runs CuPy float32/float64 arrays, not "
                 f"{describe_arrays(x)}; pass backend='auto' (or 'online') to let ot_agnostic "
@@ -241,7 +239,7 @@ class NumbaCudaPlugin:
 
     def _check(self, x, xp) -> ImportError | None:
         """``None`` when the kernels compile and pass a tiny softmin on ``x``'s device, else why not."""
-        dtype = _dtype_name(x)
+        dtype = dtype_name(x)
         try:
             kernels = load_kernels()
             D = x.shape[-1]
