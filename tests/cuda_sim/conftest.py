@@ -12,11 +12,18 @@ The simulator runs each CUDA thread as a Python thread, so blocks are shrunk to
 ``ROWS_PER_BLOCK = 8`` rows (and tiles to 8 columns) and problems to a few dozen points.
 Its block scheduler polls those threads while they wait at ``syncthreads``: a GIL switch
 interval of 0.1 ms (instead of 5 ms) makes the kernels run about 7 times faster.
+
+The simulator (numba 0.68) allocates a block's shared arrays with an unguarded
+check-then-insert (``FakeCUDAShared.array``): two threads that switch between the two can
+each get an array of their own, and then read a tile that nobody wrote (NaN or a wrong
+softmin, now and then; more often with short switch intervals). ``shared_arrays_locked``
+replaces it by the same logic under a lock; real GPUs are not concerned.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 from numba.core import config
@@ -33,6 +40,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda_sim" in item.path.parts:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_arrays_locked():
+    """One shared array per block and call site, whichever thread of the block asks first."""
+    if not SIMULATOR:
+        yield
+        return
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+    from numba.core import types
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    unguarded = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, no allocation race
+            return unguarded(self, shape, dtype)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)  # as the simulator keys them
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+    yield
+    kernelapi.FakeCUDAShared.array = unguarded
 
 
 @pytest.fixture(autouse=True, scope="session")
