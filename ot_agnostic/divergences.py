@@ -12,7 +12,7 @@ from ._array_api import safe_log
 from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
 from .backends import Method, Selection, parse_backend, select_backend
 from .multiscale import solve_multiscale
-from .costs import Cost, Kernel
+from .costs import Kernel, make_cost
 from .sinkhorn import SinkhornResult, solve
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
 
 def sinkhorn(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
 ) -> SinkhornResult:
     r"""Entropic optimal transport between ``sum_i a_i delta_{x_i}`` and ``sum_j b_j delta_{y_j}``.
 
@@ -62,6 +62,15 @@ def sinkhorn(
         (D <= 3); the loop leaves the clusters for the points once ``eps < cluster_scale**p``.
         Default: see :func:`ot_agnostic.clustering.default_cluster_scale` (GeomLoss's
         ``diameter / (sqrt(D) * 2000**(1/D))`` for small clouds, down to ``blur`` for large ones).
+    cost : None for ``C(x, y) = |x - y|^p / p``, or a custom ground cost as in GeomLoss
+        (``p`` then only sets ``eps = blur**p`` and the eps-scaling): a function
+        ``cost(x, y)`` of batched ``(B, N, D)``, ``(B, M, D)`` arrays returning the ``(B, N, M)``
+        cost matrix (pure Array API backend, every method: "online" calls it on blocks of
+        rows, "multiscale" on pairs of clusters; gradients with respect to the points need
+        torch autograd); a KeOps formula string in ``X`` and ``Y`` such as
+        ``"SqDist(X,Y) / IntCst(2)"`` (torch tensors, KeOps "online"); or a
+        ``(formula, function)`` pair (KeOps where it runs, the function elsewhere and for
+        the multiscale truncation). See :class:`ot_agnostic.costs.CustomCost`.
 
     Returns
     -------
@@ -87,22 +96,23 @@ def sinkhorn(
     scaling = check_scaling(scaling)
     truncate = check_positive(truncate, "truncate")
     cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
+    cost = make_cost(p, cost)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
-    selection = select_backend(measures.xp, measures.x, backend, measures.shape)
+    selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost)
     if selection.method is Method.MULTISCALE:
         return solve_multiscale(
-            measures, selection, Cost(p), blur=blur, reach=reach, diameter=diameter,
+            measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
             scaling=scaling, debias=bool(debias), truncate=truncate, cluster_scale=cluster_scale,
         )
     return solve(
-        measures, selection, Cost(p), blur=blur, reach=reach, diameter=diameter,
+        measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
         scaling=scaling, debias=bool(debias),
     )
 
 
 def sinkhorn_divergence(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
 ):
     r"""Debiased Sinkhorn divergence ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2``.
 
@@ -119,13 +129,13 @@ def sinkhorn_divergence(
     """
     return sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
-        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale,
+        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
     ).value
 
 
 def value_and_grad(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
 ):
     r"""The Sinkhorn divergence and its gradients, without autograd (NumPy, CuPy, ...).
 
@@ -147,12 +157,12 @@ def value_and_grad(
     """
     result = sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
-        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale,
+        debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
     )
     return result.value, result.gradient()
 
 
-def _pairwise_setup(x, y, a, b, backend):
+def _pairwise_setup(x, y, a, b, backend, cost=None):
     """Validated measures and a plugin for the kernel norms and the soft Hausdorff divergence.
 
     They have no multiscale form: an explicit ``"multiscale"`` is refused, and when
@@ -165,7 +175,7 @@ def _pairwise_setup(x, y, a, b, backend):
             "(O(N + M) memory) or 'auto'."
         )
     measures = validate_measures(x, y, a, b)
-    selection = select_backend(measures.xp, measures.x, backend, measures.shape)
+    selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost)
     if selection.method is Method.MULTISCALE:
         selection = Selection(selection.plugin, Method.ONLINE)
     return measures, selection
@@ -226,13 +236,14 @@ def laplacian_mmd(x, y, a=None, b=None, *, blur=0.05, backend="auto"):
     return _kernel_norm(Kernel("laplacian", blur), x, y, a, b, backend)
 
 
-def hausdorff_divergence(x, y, a=None, b=None, *, p=2, blur=0.05, backend="auto"):
+def hausdorff_divergence(x, y, a=None, b=None, *, p=2, blur=0.05, backend="auto", cost=None):
     r"""Soft Hausdorff divergence ``H_eps(a, b) = 1/2 <a - b, s_b - s_a>`` (Feydy & Trouve, 2018).
 
     ``s_a(z) = -eps log sum_i a_i exp(-C(z, x_i) / eps)`` is the soft distance to the measure
     ``a`` (``eps = blur**p``, ``C = |x - y|^p / p``). As ``blur -> 0`` it tends to the
     (weighted, symmetric) ICP / chamfer loss ``1/2 <a, min_j C(., y_j)> + 1/2 <b, min_i C(., x_i)>``;
-    as ``blur -> inf``, to the kernel norm ``1/2 ||a - b||^2_{-C}``.
+    as ``blur -> inf``, to the kernel norm ``1/2 ||a - b||^2_{-C}``. ``cost``: a custom ground
+    cost, as in :func:`sinkhorn`.
 
     Examples
     --------
@@ -244,8 +255,9 @@ def hausdorff_divergence(x, y, a=None, b=None, *, p=2, blur=0.05, backend="auto"
     p = check_p(p)
     blur = check_positive(blur, "blur")
     check_power(blur, p, "blur", "eps")
-    m, sel = _pairwise_setup(x, y, a, b, backend)
-    xp, eps, cost = m.xp, blur**p, Cost(p)
+    cost = make_cost(p, cost)
+    m, sel = _pairwise_setup(x, y, a, b, backend, cost)
+    xp, eps = m.xp, blur**p
     log_a, log_b = safe_log(m.a, xp=xp), safe_log(m.b, xp=xp)
 
     def geometry(x1, x2):

@@ -10,7 +10,8 @@ The algorithm of GeomLoss (Feydy 2020, Algorithm 3.6), run on any plugin:
 3. at the jump, the four potentials are extrapolated to the points by one softmin against
    the centroids, and the cluster pairs whose coupling is negligible,
    ``f_I + g_J - C(x_I, y_J) < -truncate * eps`` (coarse potentials and centroids), are
-   dropped: each cluster of ``x`` keeps a few contiguous column ranges of ``y``;
+   dropped, except those within ``truncate * eps`` of the best pair of their row or column
+   (see :func:`truncation`): each cluster of ``x`` keeps a few contiguous column ranges of ``y``;
 4. the loop goes on with block-sparse softmins on the points, down to ``eps = blur**p``,
    and the final extrapolation (which carries the gradients) is block-sparse too.
 
@@ -61,9 +62,20 @@ def jump_index(eps_list, cluster_scale: float, p: int) -> int:
 
 
 def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate, *, xp):
-    """``keep[I, J] = f_I + g_J - C(x_I, y_J) >= -truncate * eps``, a host boolean array."""
+    """The kept cluster pairs, a host boolean array: with ``s = f_I + g_J - C(x_I, y_J)``,
+    ``keep[I, J] = s >= -truncate * eps`` (GeomLoss' rule) or ``s`` within ``truncate * eps``
+    of the largest ``s`` of row ``I`` or of column ``J``.
+
+    The second part only matters when a whole row (or column) falls below the first
+    threshold, e.g. an isolated cluster in unbalanced OT, whose damped potentials lower
+    every ``s``: it would otherwise keep no partner at all and get an infinite potential.
+    """
     c = cost.matrix(centroids_x[None, ...], centroids_y[None, ...], xp=xp)[0, ...]
-    keep = coarse_f[:, None] + coarse_g[None, :] - c >= -truncate * eps
+    s = coarse_f[:, None] + coarse_g[None, :] - c
+    margin = truncate * eps
+    row_best = xp.max(s, axis=1, keepdims=True)
+    col_best = xp.max(s, axis=0, keepdims=True)
+    keep = (s >= -margin) | (s >= row_best - margin) | (s >= col_best - margin)
     return to_host(keep)
 
 
@@ -167,6 +179,12 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
         raise ValueError(
             f"backend='multiscale' clusters the points on a grid and supports D <= {MAX_DIM}, "
             f"got D={D}; use backend='online' (O(N + M) memory) instead."
+        )
+    if cost.custom and cost.function is None:
+        raise ValueError(
+            "backend='multiscale' with a custom cost needs the cost matrix between cluster "
+            "centroids (for the truncation): pass cost=(formula, function) as in GeomLoss, with "
+            "function(x, y) returning the (B, N, M) cost matrix."
         )
     p = cost.p
     if diameter is None:

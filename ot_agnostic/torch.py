@@ -14,11 +14,22 @@ numbers are those of GeomLoss 0.3.1, with these differences:
 * ``debias=False`` with total masses other than 1: we return ``OT_eps`` with its mass
   term ``-eps <a x b, exp((f + g - C) / eps) - 1>``. GeomLoss leaves that term out.
   With unit masses (the default uniform weights) the values are the same.
-* Not implemented yet: custom costs (``cost=``, ``kernel=``; only
-  ``C(x, y) = |x - y|^p / p`` with ``p=1`` or ``p=2``) and the cluster-label call
-  ``L(l_x, a, x, l_y, b, y)``; both raise ``NotImplementedError``. ``backend="multiscale"``
-  runs ``loss="sinkhorn"`` (D <= 3) with ``truncate`` and ``cluster_scale`` as in GeomLoss;
-  the other losses refuse it. ``verbose`` is accepted and does nothing yet.
+* Custom costs take GeomLoss' forms: a function ``cost(x, y)`` returning the ``(B, N, M)``
+  cost matrix, a KeOps formula string in ``X`` and ``Y``, or a ``(formula, function)``
+  pair for multiscale. GeomLoss runs a function with ``"tensorized"`` only and a formula
+  with ``"online"``/``"multiscale"`` only; here a function also runs ``"online"`` (by
+  blocks of rows, ``O(N + M)`` memory) and ``"multiscale"``, on any device.
+  ``kernel=`` (energy, gaussian, laplacian losses) is GeomLoss' kernel function
+  ``kernel(x, y, blur=..., use_keops=..., ranges=None)`` returning a ``(B, N, M)`` tensor
+  (or a KeOps ``LazyTensor`` when ``use_keops`` is True, i.e. ``backend="online"`` or a
+  large ``"auto"`` problem).
+* The cluster-label call ``L(l_x, a, x, l_y, b, y)`` raises ``NotImplementedError``
+  (multiscale clusters the points itself). ``backend="multiscale"`` runs
+  ``loss="sinkhorn"`` (D <= 3) with ``truncate`` and ``cluster_scale`` as in GeomLoss; the
+  other losses refuse it.
+* ``verbose=True`` logs what ran (backend, iterations, last change of the potentials; for
+  multiscale the clusters and the share of pairs kept) on the ``"ot_agnostic"`` logger at
+  level INFO, and shows those messages on stderr if that logger has no handler yet.
 
 Every input is validated: bad weights (negative, NaN, zero mass), mismatched shapes or
 devices and unequal masses for balanced OT raise errors. ``p``, the lengths and the
@@ -27,12 +38,14 @@ backend are checked when the module is built.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ._array_api import safe_log
 from ._validation import check_p, check_positive, check_power, check_scaling
 from .backends import Method, parse_backend
-from .costs import Cost, Kernel
+from .costs import Kernel, make_cost
 from .divergences import _pairwise_setup
 from .divergences import (
     energy_distance,
@@ -40,10 +53,11 @@ from .divergences import (
     hausdorff_divergence,
     laplacian_mmd,
     sinkhorn,
-    sinkhorn_divergence,
 )
 
 __all__ = ["SamplesLoss"]
+
+logger = logging.getLogger("ot_agnostic")
 
 #: The losses that ``SamplesLoss(loss=...)`` accepts.
 LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
@@ -74,7 +88,13 @@ class SamplesLoss(torch.nn.Module):
     diameter : the largest distance in the problem, the start of eps-scaling (None: estimated).
     scaling : eps-scaling ratio in (0, 1) (sinkhorn).
     truncate, cluster_scale : multiscale settings (see :func:`ot_agnostic.sinkhorn`).
-    cost, kernel : custom costs and kernels; not supported yet (``NotImplementedError``).
+    cost : None (``|x - y|^p / p``), a function ``cost(x, y)`` of ``(B, N, D)``, ``(B, M, D)``
+        tensors returning the ``(B, N, M)`` cost matrix, a KeOps formula in ``X`` and ``Y``
+        (e.g. ``"SqDist(X,Y) / IntCst(2)"``), or a ``(formula, function)`` pair; see
+        :func:`ot_agnostic.sinkhorn` (sinkhorn and hausdorff).
+    kernel : None, or a function ``kernel(x, y, blur=..., use_keops=..., ranges=None)``
+        returning the ``(B, N, M)`` kernel matrix (a KeOps ``LazyTensor`` when ``use_keops``)
+        that replaces the kernel of ``loss="energy"``, ``"gaussian"`` or ``"laplacian"``.
     debias : sinkhorn only: the debiased ``S_eps`` (True) or the raw ``OT_eps`` (False).
     potentials : return the dual potentials ``(F, G)`` on ``x`` and ``y`` instead of the value:
         ``(f_ba - f_aa, g_ab - g_bb)`` (sinkhorn, debias), ``(f_ba, g_ab)`` (sinkhorn, no debias),
@@ -85,7 +105,7 @@ class SamplesLoss(torch.nn.Module):
         for balanced sinkhorn with unit masses.
         As in GeomLoss 0.3.1, ``F`` and ``G`` have shape ``(1, N)`` and ``(1, M)`` for unbatched
         inputs, and ``(B, N)`` and ``(B, M)`` for batched inputs.
-    verbose : accepted for compatibility; no effect yet.
+    verbose : log what ran (see the module notes) on the ``"ot_agnostic"`` logger.
     backend : "auto", "tensorized", "online" or "multiscale" (sinkhorn, D <= 3), as in
         GeomLoss; "online" runs KeOps when it works and the chunked pure Array API path
         (with one logged warning) when it does not. ``"keops"`` (or ``"keops/online"``)
@@ -128,15 +148,25 @@ class SamplesLoss(torch.nn.Module):
         if loss not in LOSSES:
             options = ", ".join(repr(name) for name in LOSSES)
             raise ValueError(f"unknown loss {loss!r}: choose one of {options}.")
-        if cost is not None or kernel is not None:
-            which = "cost" if cost is not None else "kernel"
-            raise NotImplementedError(
-                f"custom {which}s ({which}={(cost if cost is not None else kernel)!r}) are not "
-                "supported yet: the costs are C(x, y) = |x - y|^p / p with p=1 or p=2, and the "
-                "kernels are those of loss='energy', 'gaussian' and 'laplacian'. Leave "
-                f"{which}=None and pick p (or the loss) instead."
-            )
         p = check_p(p)
+        if cost is not None:
+            if loss not in ("sinkhorn", "hausdorff"):
+                raise ValueError(
+                    f"cost= applies to loss='sinkhorn' and 'hausdorff'; loss={loss!r} takes a "
+                    "kernel function (kernel=) instead."
+                )
+            make_cost(p, cost)  # checks its form now
+        if kernel is not None:
+            if loss not in ("energy", "gaussian", "laplacian"):
+                raise ValueError(
+                    f"kernel= applies to loss='energy', 'gaussian' and 'laplacian', not "
+                    f"loss={loss!r}; the OT losses take a cost (cost=) instead."
+                )
+            if not callable(kernel):
+                raise TypeError(
+                    "kernel must be a function kernel(x, y, blur=..., use_keops=..., ranges=None) "
+                    f"returning the (B, N, M) kernel matrix, not {type(kernel).__name__}."
+                )
         _, method = parse_backend(backend)
         if method is Method.MULTISCALE and loss != "sinkhorn":
             raise NotImplementedError(
@@ -193,31 +223,37 @@ class SamplesLoss(torch.nn.Module):
     def _value(self, x, y, a, b):
         backend = self.backend
         if self.loss == "sinkhorn":
-            return sinkhorn_divergence(
-                x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
-                scaling=self.scaling, debias=self.debias, backend=backend,
-                truncate=self.truncate, cluster_scale=self.cluster_scale,
-            )
+            return self._sinkhorn(x, y, a, b).value
         if self.loss == "hausdorff":
-            return hausdorff_divergence(x, y, a, b, p=self.p, blur=self.blur, backend=backend)
+            return hausdorff_divergence(x, y, a, b, p=self.p, blur=self.blur, backend=backend, cost=self.cost)
+        if self.kernel is not None:
+            return _custom_kernel(self.kernel, x, y, a, b, blur=self.blur, backend=backend)[0]
         if self.loss == "energy":
             return energy_distance(x, y, a, b, backend=backend)
         if self.loss == "gaussian":
             return gaussian_mmd(x, y, a, b, blur=self.blur, backend=backend)
         return laplacian_mmd(x, y, a, b, blur=self.blur, backend=backend)
 
+    def _sinkhorn(self, x, y, a, b):
+        res = sinkhorn(
+            x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
+            scaling=self.scaling, debias=self.debias, backend=self.backend,
+            truncate=self.truncate, cluster_scale=self.cluster_scale, cost=self.cost,
+        )
+        if self.verbose:
+            _report(res)
+        return res
+
     def _potentials(self, x, y, a, b):
         if self.loss == "sinkhorn":
-            res = sinkhorn(
-                x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
-                scaling=self.scaling, debias=self.debias, backend=self.backend,
-                truncate=self.truncate, cluster_scale=self.cluster_scale,
-            )
+            res = self._sinkhorn(x, y, a, b)
             if self.debias:  # Feydy's thesis, Eq. (3.209); GeomLoss returns it for reach too
                 return res.f - res.f_aa, res.g - res.g_bb
             return res.f, res.g
         if self.loss == "hausdorff":
-            return _hausdorff_potentials(x, y, a, b, p=self.p, blur=self.blur, backend=self.backend)
+            return _hausdorff_potentials(x, y, a, b, p=self.p, blur=self.blur, backend=self.backend, cost=self.cost)
+        if self.kernel is not None:
+            return _custom_kernel(self.kernel, x, y, a, b, blur=self.blur, backend=self.backend)[1:]
         kernel = Kernel(self.loss, 1.0 if self.loss == "energy" else self.blur)
         return _kernel_potentials(kernel, x, y, a, b, backend=self.backend)
 
@@ -253,9 +289,45 @@ def _squeeze_weights(w, points):
     return w
 
 
-def _geometry_factory(x, y, a, b, backend):
-    """Validated measures and a function ``(x1, x2, cost) -> Geometry`` on the chosen plugin."""
+def _report(res) -> None:
+    """``verbose=True``: what a Sinkhorn call ran, on the ``"ot_agnostic"`` logger (INFO)."""
+    if not logger.handlers:  # make the messages visible, once, like GeomLoss' prints
+        logger.addHandler(logging.StreamHandler())
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    message = (
+        f"SamplesLoss: {res.backend}, {res.n_iter} eps-scaling steps down to eps={res.eps:.3g}, "
+        f"last change of the potentials {res.max_change:.3g}"
+    )
+    if hasattr(res, "kept_fraction"):
+        message += f"; multiscale: kept {100 * res.kept_fraction:.1f}% of the point pairs of OT(a, b)"
+    logger.info(message)
+
+
+#: GeomLoss' "auto": kernel matrices are dense up to this many entries, KeOps above.
+DENSE_KERNEL_MAX_ENTRIES = 5000**2
+
+
+def _custom_kernel(kernel, x, y, a, b, *, blur, backend):
+    """GeomLoss' kernel loss with the user's ``kernel``: ``(value, F, G)`` with
+    ``value = 1/2 <a, K_xx a> + 1/2 <b, K_yy b> - <a, K_xy b>``, ``F = K_xx a - K_xy b``,
+    ``G = K_yy b - K_yx a``; dense kernel matrices, or KeOps LazyTensors with ``use_keops``."""
     m, sel = _pairwise_setup(x, y, a, b, backend)
+    B, N, M, _ = m.shape
+    use_keops = sel.method is Method.ONLINE or (sel.method is not Method.TENSORIZED and N * M > DENSE_KERNEL_MAX_ENTRIES)
+
+    def apply(p1, p2, w):
+        k = kernel(p1, p2, blur=blur, use_keops=use_keops, ranges=None)
+        return (k @ w[:, :, None])[:, :, 0]
+
+    a_x, b_y, b_x, a_y = apply(m.x, m.x, m.a), apply(m.y, m.y, m.b), apply(m.x, m.y, m.b), apply(m.y, m.x, m.a)
+    value = 0.5 * (m.a * a_x).sum(1) + 0.5 * (m.b * b_y).sum(1) - (m.a * b_x).sum(1)
+    return m.unbatch(value), m.unbatch(a_x - b_x), m.unbatch(b_y - a_y)
+
+
+def _geometry_factory(x, y, a, b, backend, cost=None):
+    """Validated measures and a function ``(x1, x2, cost) -> Geometry`` on the chosen plugin."""
+    m, sel = _pairwise_setup(x, y, a, b, backend, cost)
 
     def geometry(x1, x2, cost):
         return sel.plugin.geometry(x1, x2, cost, sel.method, xp=m.xp)
@@ -272,10 +344,11 @@ def _kernel_potentials(kernel: Kernel, x, y, a, b, *, backend):
     return m.unbatch(F), m.unbatch(G)
 
 
-def _hausdorff_potentials(x, y, a, b, *, p, blur, backend):
+def _hausdorff_potentials(x, y, a, b, *, p, blur, backend, cost=None):
     """``(s_b - s_a on x, s_a - s_b on y)`` with the soft distances of ``hausdorff_divergence``."""
-    m, geometry = _geometry_factory(x, y, a, b, backend)
-    xp, eps, cost = m.xp, blur**p, Cost(p)
+    cost = make_cost(p, cost)
+    m, geometry = _geometry_factory(x, y, a, b, backend, cost)
+    xp, eps = m.xp, blur**p
     log_a, log_b = safe_log(m.a, xp=xp), safe_log(m.b, xp=xp)
     xy = geometry(m.x, m.y, cost)
     F = xy.softmin(eps, log_b) - geometry(m.x, m.x, cost).softmin(eps, log_a)

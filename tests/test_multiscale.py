@@ -210,6 +210,24 @@ def test_multiscale_matches_online_within_one_percent(shape, p, blur, reach):
         assert np.corrcoef(mine, ref)[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("backend", ["multiscale", "array_api/multiscale"])
+def test_unbalanced_isolated_cluster_keeps_a_partner(backend):
+    """Unbalanced OT damps the coarse potentials: an isolated cluster can fall below the
+    absolute truncation threshold with every partner. It keeps its best ones, so no point
+    gets an infinite potential and the value stays that of the online solver."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 2)), 0.8 * rng.random((30, 2)) + 0.3
+    a, b = rng.random(40) + 0.2, rng.random(30) + 0.2
+    a, b = a / a.sum(), b / b.sum()
+    kw = dict(p=2, blur=0.05, reach=0.3, scaling=0.5)  # GeomLoss' rule alone: f = inf at 0.5
+    ms = ota.sinkhorn(x, y, a, b, backend=backend, **kw)
+    on = ota.sinkhorn(x, y, a, b, backend="online", **kw)
+    for name in ("f", "g", "f_aa", "g_bb"):
+        assert np.all(np.isfinite(getattr(ms, name))), name
+    assert np.isfinite(ms.max_change)
+    assert abs(float(ms.value) / float(on.value) - 1) < 0.01
+
+
 def test_batched_multiscale_solves_each_item_alone():
     rng = np.random.default_rng(3)
     x, y = rng.random((2, 600, 2)), rng.random((2, 500, 2)) + 0.1

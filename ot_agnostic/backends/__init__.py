@@ -70,13 +70,16 @@ def parse_backend(value) -> tuple[PluginId | None, Method]:
     return (PluginId(plugin_part) if slash else None), method
 
 
-def select_backend(xp, x, backend, shape) -> Selection:
+def select_backend(xp, x, backend, shape, cost=None) -> Selection:
     """Pick the plugin for arrays like ``x`` (namespace ``xp``) and the method for ``backend``.
 
     ``shape`` is ``(B, N, M, D)``; it lets ``"auto"`` choose between dense and online. A
     plugin resolves ``"auto"`` to a concrete method; if it cannot run that method itself
     (KeOps leaves small problems to the dense geometry), the next plugin that can does.
     A plugin named explicitly runs the problem or raises why it cannot: no fallback.
+    ``cost`` (default: the built-in ``|x - y|^p / p``) narrows the choice to the plugins
+    that run it: a custom cost function runs on the pure Array API plugin, a KeOps formula
+    on the KeOps plugin.
     """
     plugin_id, method = parse_backend(backend)
     if method is Method.MULTISCALE and shape[3] > MULTISCALE_MAX_DIM:
@@ -85,20 +88,61 @@ def select_backend(xp, x, backend, shape) -> Selection:
             f"{MULTISCALE_MAX_DIM}, got D={shape[3]}; use backend='online' (O(N + M) memory)."
         )
     if plugin_id is not None:
-        return _select_explicit(xp, x, plugin_id, method, shape)
-    for plugin in PLUGINS:
+        return _select_explicit(xp, x, plugin_id, method, shape, cost)
+    plugins = [p for p in PLUGINS if accepts_cost(p, cost)]
+    requested = method
+    for k, plugin in enumerate(plugins):
         if plugin.supports(xp, x, method):
             concrete = plugin.resolve(method, shape)
             if plugin.supports(xp, x, concrete):
                 return Selection(plugin, concrete)
+            if requested is Method.AUTO and len(plugins) == k + 1 and plugin.supports(xp, x, Method.ONLINE):
+                return Selection(plugin, Method.ONLINE)  # nobody after it runs this cost densely
             method = concrete
+    if cost is not None and cost.custom:
+        raise _custom_cost_error(xp, x, requested, cost, plugins)
     raise ValueError(f"no backend supports method {method.value!r} for {type(x).__name__} arrays.")
 
 
-def _select_explicit(xp, x, plugin_id, method, shape) -> Selection:
+def accepts_cost(plugin, cost) -> bool:
+    """Whether ``plugin`` runs ``cost`` (``None``: the built-in cost, which every plugin runs)."""
+    if cost is None or not cost.custom:
+        return True
+    accepts = getattr(plugin, "accepts_cost", None)
+    return bool(accepts and accepts(cost))
+
+
+def _custom_cost_error(xp, x, method, cost, plugins) -> Exception:
+    """Why no plugin runs this custom cost on these arrays, and what to do."""
+    for plugin in plugins:  # a plugin that takes the cost but cannot run here says why
+        error = plugin.unsupported_error(xp, x, method)
+        if isinstance(error, ImportError):
+            return error
+    if cost.function is None:
+        return ValueError(
+            f"the cost is a KeOps formula ({cost.formula!r}): it runs on torch tensors with "
+            f"pykeops, with backend='online' or 'multiscale', not {method.value!r} on "
+            f"{type(x).__module__.split('.')[0]} arrays. Pass a function cost(x, y) returning "
+            "the (B, N, M) cost matrix (or a (formula, function) pair) for the other cases."
+        )
+    return ValueError(
+        f"no backend runs the custom cost with method {method.value!r} on "
+        f"{type(x).__module__.split('.')[0]} arrays."
+    )
+
+
+def _select_explicit(xp, x, plugin_id, method, shape, cost=None) -> Selection:
     plugin = next((p for p in PLUGINS if p.id is plugin_id), None)
     if plugin is None:
         raise NotImplementedError(f"the {plugin_id.value!r} backend is not available in this version.")
+    if not accepts_cost(plugin, cost):
+        runs = "a KeOps formula" if cost.function is None else "a custom cost function"
+        where = "'keops' (torch tensors)" if cost.function is None else "'array_api'"
+        raise ValueError(
+            f"the {plugin_id.value!r} backend computes the built-in costs |x - y|^p / p only, "
+            f"not {runs}; {runs} runs on the {where} backend: pass backend='auto' or a method "
+            "('tensorized', 'online', 'multiscale')."
+        )
     error = plugin.unsupported_error(xp, x, method)
     if error is not None:
         raise error

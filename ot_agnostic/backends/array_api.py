@@ -49,6 +49,12 @@ class _BlockReductions:
     def softmin_grad(self, eps, h):
         """``sum_j w_ij grad_x C(x_i, y_j)``, a ``(B, N, D)`` array (the gradient of ``softmin``)."""
         xp = self.xp
+        if self.cost.custom:
+            rows = getattr(self, "block_rows", self.shape[1])
+            return self._concat([
+                _custom_cost_grad(self.cost, self.x[:, i:i + rows, :], self.y, h, eps, xp=xp)
+                for i in range(0, self.shape[1], rows)
+            ])
         parts = []
         for start, stop, c in self._blocks():
             w = self._softmax(eps, h, c)
@@ -164,6 +170,12 @@ class BlockSparseGeometry:
             if c is None:
                 parts.append(xp.zeros((self.shape[0], stop - start, self.x.shape[2]), dtype=h.dtype, device=_dev(h)))
                 continue
+            if self.cost.custom:
+                parts.append(_custom_cost_grad(
+                    self.cost, self.x[:, start:stop, :], self._gather(self.y, ranges),
+                    self._gather(h, ranges), eps, xp=xp,
+                ))
+                continue
             w = _softmax(xp, eps, self._gather(h, ranges), c)
             if self.cost.p == 1:
                 positive = c > 0
@@ -180,6 +192,27 @@ class BlockSparseGeometry:
 
     def transpose(self):
         return BlockSparseGeometry(self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp)
+
+
+def _custom_cost_grad(cost, x, y, h, eps, *, xp):
+    """``sum_j w_ij grad_x C(x_i, y_j)`` for a user's cost function: torch autograd on one block
+    (``softmin_i`` depends on ``x_i`` only, so the gradient of their sum gives every row)."""
+    import array_api_compat
+
+    if not array_api_compat.is_torch_array(x):
+        raise NotImplementedError(
+            "gradients with respect to the points need the derivative of the cost: for a custom "
+            "cost function they come from autograd, so pass torch tensors (and call .backward()), "
+            "or use the default costs (cost=None), whose gradients are explicit on every library."
+        )
+    import torch
+
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        c = cost.matrix(x, y.detach(), xp=xp)
+        softmin = -eps * logsumexp(h.detach()[:, None, :] - c / eps, axis=2, xp=xp)
+        (grad,) = torch.autograd.grad(softmin.sum(), x)
+    return grad
 
 
 def _softmax(xp, eps, h, c):
@@ -200,6 +233,10 @@ class ArrayAPIPlugin:
 
     def supports(self, xp, x, method):
         return self.unsupported_error(xp, x, method) is None
+
+    def accepts_cost(self, cost):
+        """The built-in costs, and custom costs that come with a function of the points."""
+        return not cost.custom or cost.function is not None
 
     def unsupported_error(self, xp, x, method):
         return None if isinstance(method, Method) else method_error(self.id, method, tuple(Method)[1:])

@@ -142,6 +142,46 @@ class KeOpsBlockSparseGeometry(KeOpsGeometry):
         )
 
 
+class KeOpsFormulaGeometry(KeOpsGeometry):
+    """:class:`KeOpsGeometry` for a custom cost given as a KeOps formula in ``X`` and ``Y``."""
+
+    def softmin(self, eps, h):
+        return self.kernels.formula_softmin(self.x, self.y, h, eps, self.cost.formula)
+
+    def softmin_grad(self, eps, h):
+        return self.kernels.formula_softmin_grad(self.x, self.y, h, eps, self.cost.formula)
+
+    def softmax_weighted_sum(self, eps, h, v):
+        return self.kernels.formula_softmax_weighted_sum(self.x, self.y, h, v, eps, self.cost.formula)
+
+    def kernel_sum(self, kernel, v):
+        raise NotImplementedError("kernel norms use their own kernels, not a custom cost.")
+
+    def transpose(self):
+        return KeOpsFormulaGeometry(self.y, self.x, self.cost, xp=self.xp, kernels=self.kernels)
+
+
+class KeOpsFormulaBlockSparseGeometry(KeOpsBlockSparseGeometry):
+    """:class:`KeOpsBlockSparseGeometry` for a custom cost given as a KeOps formula."""
+
+    def softmin(self, eps, h):
+        f = self.kernels.formula_softmin
+        return f(self.x[0], self.y[0], h[0], eps, self.cost.formula, ranges=self.ranges)[None, :]
+
+    def softmin_grad(self, eps, h):
+        f = self.kernels.formula_softmin_grad
+        return f(self.x[0], self.y[0], h[0], eps, self.cost.formula, ranges=self.ranges)[None, ...]
+
+    def softmax_weighted_sum(self, eps, h, v):
+        f = self.kernels.formula_softmax_weighted_sum
+        return f(self.x[0], self.y[0], h[0], v[0], eps, self.cost.formula, ranges=self.ranges)[None, ...]
+
+    def transpose(self):
+        return KeOpsFormulaBlockSparseGeometry(
+            self.y, self.x, self.cost, self.sparsity.transpose(), xp=self.xp, kernels=self.kernels
+        )
+
+
 class KeOpsPlugin:
     """Runs torch float32/float64 tensors (CPU, CUDA) through KeOps ("online" and large "auto")."""
 
@@ -156,6 +196,10 @@ class KeOpsPlugin:
         if isinstance(error, ImportError):
             log_fallback_once(self._warned, x.device.type, error, logger)
         return error is None
+
+    def accepts_cost(self, cost):
+        """The built-in costs, and custom costs that come with a KeOps formula."""
+        return not cost.custom or cost.formula is not None
 
     def unsupported_error(self, xp, x, method):
         if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
@@ -204,9 +248,13 @@ class KeOpsPlugin:
         return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
     def geometry(self, x, y, cost, method, *, xp):
+        if cost.custom:
+            return KeOpsFormulaGeometry(x, y, cost, xp=xp)
         return KeOpsGeometry(x, y, cost, xp=xp)
 
     def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
+        if cost.custom:
+            return KeOpsFormulaBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
         return KeOpsBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
 
 

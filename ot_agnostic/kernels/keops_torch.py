@@ -36,7 +36,8 @@ from __future__ import annotations
 import functools
 
 __all__ = [
-    "KERNELS", "keops_ranges", "kernel_sum", "require", "self_test", "softmax_weighted_sum",
+    "KERNELS", "formula_softmax_weighted_sum", "formula_softmin", "formula_softmin_grad",
+    "keops_ranges", "kernel_sum", "require", "self_test", "softmax_weighted_sum",
     "softmax_weighted_sum_ranges", "softmin", "softmin_grad", "softmin_grad_ranges", "softmin_ranges",
 ]
 
@@ -330,6 +331,58 @@ def softmax_weighted_sum_ranges(x, y, h, v, eps: float, p: int, ranges):
     """:func:`softmax_weighted_sum` over the kept pairs, unbatched: ``(N, K)``."""
     cost, _ = _cost2(x, y, int(p))
     return (_j(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_j(v), dim=1, ranges=ranges)
+
+
+# ----------------------------------------------------------------------------------------
+# A user's cost, as a KeOps formula in X and Y (GeomLoss' "online" custom costs)
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _formula_routine(formula: str, D: int, K: int):
+    """A ``Genred`` for ``h_j - P * C(x_i, y_j)``: ``LogSumExp`` (``K = 0``) or a softmax-weighted
+    sum of a ``K``-vector ``V_j``. pykeops differentiates it (first order) itself."""
+    from pykeops.torch import Genred
+
+    aliases = [f"X = Vi({D})", f"Y = Vj({D})", "H = Vj(1)", "P = Pm(1)"]
+    expression = f"(H - P * ({formula}))"
+    if K == 0:
+        return Genred(expression, aliases, reduction_op="LogSumExp", axis=1)
+    return Genred(expression, aliases + [f"V = Vj({K})"], reduction_op="SumSoftMaxWeight", axis=1, formula2="V")
+
+
+def _formula_call(formula, x, y, h, eps, *extra, ranges=None):
+    torch, _ = _deps()
+    K = 0 if not extra else int(extra[0].shape[-1])
+    routine = _formula_routine(formula, int(x.shape[-1]), K)
+    rate = torch.tensor([1.0 / float(eps)], dtype=x.dtype, device=x.device)
+    args = (x.contiguous(), y.contiguous(), h[..., None].contiguous(), rate, *(e.contiguous() for e in extra))
+    return routine(*args) if ranges is None else routine(*args, ranges=ranges)
+
+
+def formula_softmin(x, y, h, eps: float, formula: str, ranges=None):
+    """``-eps * log sum_j exp(h_j - C(x_i, y_j) / eps)`` with ``C`` the KeOps ``formula`` in ``X``, ``Y``.
+
+    Batched ``x (B, N, D)``, ``y (B, M, D)``, ``h (B, M)`` (or unbatched, with KeOps'
+    ``ranges`` 6-tuple for block-sparse reductions); differentiable in ``x``, ``y``, ``h``.
+    """
+    return -float(eps) * _formula_call(formula, x, y, h, eps, ranges=ranges)[..., 0]
+
+
+def formula_softmin_grad(x, y, h, eps: float, formula: str, ranges=None):
+    """``sum_j w_ij grad_x C(x_i, y_j)`` for a formula cost: the gradient of :func:`formula_softmin`
+    (row ``i`` depends on ``x_i`` only), by pykeops' autograd; ``(B, N, D)``."""
+    torch, _ = _deps()
+    with torch.enable_grad():
+        xt = x.detach().requires_grad_(True)
+        out = formula_softmin(xt, y.detach(), h.detach(), eps, formula, ranges=ranges)
+        (grad,) = torch.autograd.grad(out.sum(), xt)
+    return grad
+
+
+def formula_softmax_weighted_sum(x, y, h, v, eps: float, formula: str, ranges=None):
+    """``sum_j w_ij v_j`` with ``w_ij = softmax_j(h_j - C(x_i, y_j) / eps)`` for a formula cost."""
+    return _formula_call(formula, x, y, h, eps, v, ranges=ranges)
 
 
 def kernel_sum(x, y, v, name: str, blur: float):
