@@ -470,3 +470,119 @@ def test_keops_by_name_matches_tensorized(loss):
     torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="runs 'online' or 'multiscale', not 'tensorized'"):
         SamplesLoss(loss, backend="keops/tensorized")(x, y)
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Custom costs and kernels (GeomLoss' forms) against GeomLoss
+# ------------------------------------------------------------------------------------------
+
+
+def anisotropic(x, y):
+    """``|W (x - y)|^2 / 2`` with ``W = diag(1, 3)``: a cost no built-in plugin knows."""
+    weights = torch.tensor([1.0, 9.0], dtype=x.dtype)
+    return (((x[:, :, None, :] - y[:, None, :, :]) ** 2) * weights).sum(-1) / 2
+
+
+def cityblock(x, y):
+    return (x[:, :, None, :] - y[:, None, :, :]).abs().sum(-1)
+
+
+def inverse_multiquadric(x, y, blur=0.05, use_keops=False, ranges=None):
+    """GeomLoss' kernel signature: ``(B, N, M)`` dense tensor, or a KeOps LazyTensor."""
+    if use_keops:
+        from pykeops.torch import LazyTensor
+
+        sq = ((LazyTensor(x[:, :, None, :]) - LazyTensor(y[:, None, :, :])) ** 2).sum(-1)
+        return (1 + sq / blur**2).rsqrt()
+    sq = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)
+    return (1 + sq / blur**2).rsqrt()
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "online"])
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[4], SETTINGS[8]], ids=setting_id)
+def test_cost_function_matches_geomloss_tensorized(geomloss, setting, backend):
+    """GeomLoss runs a cost function densely only; ours also online, by blocks of rows."""
+    debias, reach, blur, scaling, weighted, batched = setting
+    kw = dict(p=2, blur=blur, reach=reach, scaling=scaling, debias=debias, cost=anisotropic)
+    compare(
+        SamplesLoss("sinkhorn", backend=backend, **kw),
+        geomloss.SamplesLoss("sinkhorn", backend="tensorized", **kw),
+        make_data(6, weighted, batched), "float64",
+        grad_factor=1.0 if reach is None else unbalanced_ratio(2, blur, reach),
+    )
+
+
+def test_keops_formula_cost_matches_geomloss_online(keops):
+    formula = "Sum(Abs(X-Y))"  # the l1 distance, as a KeOps formula
+    data = make_data(7, weighted=True)
+    kw = dict(p=1, blur=0.1, scaling=0.8)
+    ours = SamplesLoss("sinkhorn", cost=formula, backend="online", **kw)
+    compare(ours, keops.SamplesLoss("sinkhorn", cost=formula, backend="online", **kw), data, "float64")
+    # the same cost as a function, on the Array API path
+    value, grads = run(ours, data, "float64")
+    ref_value, ref_grads = run(SamplesLoss("sinkhorn", cost=cityblock, **kw), data, "float64")
+    assert_close(value, ref_value, 1e-10, "formula vs function")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], 1e-8, f"grad {name}")
+
+
+def test_formula_and_function_pair_runs_multiscale_on_keops():
+    """GeomLoss' multiscale form ``cost=(formula, function)``: KeOps block-sparse reductions
+    of the formula, the function for the truncation; the built-in numbers."""
+    pytest.importorskip("pykeops")
+    x, y, _, _ = (torch.tensor(v) if v is not None else None for v in make_data(8, False, n=300, m=250, d=2))
+    half_squared = ("SqDist(X,Y) / IntCst(2)", lambda x, y: ((x[:, :, None] - y[:, None]) ** 2).sum(-1) / 2)
+    kw = dict(p=2, blur=0.05, scaling=0.7, cluster_scale=0.15, backend="multiscale")
+    xt = x.clone().requires_grad_(True)
+    mine = SamplesLoss("sinkhorn", cost=half_squared, **kw)(xt, y)
+    mine.backward()
+    xr = x.clone().requires_grad_(True)
+    ref = SamplesLoss("sinkhorn", **kw)(xr, y)
+    ref.backward()
+    assert abs(mine.item() - ref.item()) <= 1e-10 * abs(ref.item())
+    assert_close(xt.grad, xr.grad, 1e-8, "grad x")
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "online"])
+@pytest.mark.parametrize("weighted, batched", [(True, False), (False, True)])
+def test_kernel_function_matches_geomloss(geomloss, backend, weighted, batched):
+    if backend == "online":
+        pytest.importorskip("pykeops")
+    kw = dict(blur=0.2, kernel=inverse_multiquadric)
+    compare(
+        SamplesLoss("gaussian", backend=backend, **kw),
+        geomloss.SamplesLoss("gaussian", backend="tensorized", **kw),
+        make_data(9, weighted, batched), "float64",
+    )
+
+
+def test_a_kernel_function_of_the_builtin_kernel_gives_the_builtin_numbers():
+    def gaussian(x, y, blur=0.05, use_keops=False, ranges=None):
+        return (-((x[:, :, None] - y[:, None]) ** 2).sum(-1) / (2 * blur**2)).exp()
+
+    data = make_data(10, weighted=True)
+    ours, grads = run(SamplesLoss("gaussian", blur=0.3, kernel=gaussian), data, "float64")
+    ref, ref_grads = run(SamplesLoss("gaussian", blur=0.3), data, "float64")
+    assert_close(ours, ref, 1e-12, "value")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], 1e-10, f"grad {name}")
+
+
+def test_cost_function_with_a_wrong_shape_says_so():
+    x, y, _, _ = make_data(11, False)
+    layer = SamplesLoss("sinkhorn", cost=lambda x, y: (x[:, :, None] - y[:, None]).sum(-1)[0])
+    with pytest.raises(ValueError, match=r"must return a \(B, N, M\)"):
+        layer(torch.tensor(x), torch.tensor(y))
+
+
+def test_verbose_logs_what_ran(caplog):
+    x, y, _, _ = (torch.tensor(v) if v is not None else None for v in make_data(12, False, n=300, m=250))
+    with caplog.at_level("INFO", logger="ot_agnostic"):
+        SamplesLoss("sinkhorn", verbose=True, backend="tensorized")(x, y)
+        SamplesLoss("sinkhorn", verbose=True, backend="array_api/multiscale", cluster_scale=0.1)(x, y)
+        SamplesLoss("sinkhorn", backend="tensorized")(x, y)  # verbose=False: nothing
+    messages = [r.getMessage() for r in caplog.records if r.name == "ot_agnostic"]
+    assert len(messages) == 2
+    assert "array_api/tensorized" in messages[0] and "eps-scaling steps" in messages[0]
+    kept = float(messages[1].split("kept ")[1].split("%")[0])
+    assert "array_api/multiscale" in messages[1] and 0 < kept < 100
