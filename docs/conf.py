@@ -1,6 +1,11 @@
 """Sphinx configuration for the ot_agnostic documentation (build: bash scripts/docs.sh)."""
 
+import os
+import sys
+
 import ot_agnostic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 project = "ot_agnostic"
 author = "the ot_agnostic developers"
@@ -32,4 +37,19 @@ html_theme_options = {
 }
 
 exclude_patterns = ["_build"]
+html_static_path = ["_static"]
+
+
+def _example_figures(app):
+    """Render the figures of the example scripts into _static/generated (not in git)."""
+    out = os.path.join(ROOT, "docs", "_static", "generated")
+    os.makedirs(out, exist_ok=True)
+    sys.path.insert(0, ROOT)
+    from examples import colour_transfer
+
+    colour_transfer.main(os.path.join(out, "colour_transfer.png"))
+
+
+def setup(app):
+    app.connect("builder-inited", _example_figures)
 nitpicky = False

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Gradients",
     "Method",
+    "OTTransformer",
     "PluginId",
     "SinkhornResult",
     "energy_distance",
@@ -33,3 +34,17 @@ __all__ = [
     "value_and_grad",
     "warmup",
 ]
+
+
+def __getattr__(name):
+    """``OTTransformer`` imports scikit-learn, so it is loaded on first use only."""
+    if name == "OTTransformer":
+        try:
+            from .transformer import OTTransformer
+        except ImportError as err:
+            raise ImportError(
+                f"ot_agnostic.OTTransformer needs scikit-learn ({err}); install it with "
+                "`pip install scikit-learn` or `pip install ot_agnostic[sklearn]`."
+            ) from err
+        return OTTransformer
+    raise AttributeError(f"module 'ot_agnostic' has no attribute {name!r}")

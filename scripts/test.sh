@@ -8,6 +8,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
 
 # testpaths (tests/ and the package's doctests) and options come from pyproject.toml.
 # pytest's own exit code is kept: 5 ("no tests collected") fails like any other error.
+# SCIPY_ARRAY_API=1: scikit-learn's estimator checks then include its Array API checks
+# (OTTransformer on array-api-strict and torch arrays); it must be set before SciPy loads.
+export SCIPY_ARRAY_API=1
 status=0
 "$OT_PYTHON" -m pytest --durations=15 "$@" || status=$?
 
