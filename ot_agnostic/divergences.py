@@ -9,6 +9,7 @@ library, device and dtype. Points are ``(N, D)``/``(M, D)``, weights ``(N,)``/``
 from __future__ import annotations
 
 from ._array_api import safe_log
+from ._progress import progress_reporter
 from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
 from .backends import Method, Selection, parse_backend, select_backend
 from .multiscale import solve_multiscale
@@ -28,7 +29,8 @@ __all__ = [
 
 def sinkhorn(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
+    verbose=False,
 ) -> SinkhornResult:
     r"""Entropic optimal transport between ``sum_i a_i delta_{x_i}`` and ``sum_j b_j delta_{y_j}``.
 
@@ -71,6 +73,10 @@ def sinkhorn(
         ``"SqDist(X,Y) / IntCst(2)"`` (torch tensors, KeOps "online"); or a
         ``(formula, function)`` pair (KeOps where it runs, the function elsewhere and for
         the multiscale truncation). See :class:`ot_agnostic.costs.CustomCost`.
+    progress : None, or a function ``progress(done, total)`` called after each Sinkhorn step
+        (``total``: the eps-scaling steps plus the final one, times the batch size for
+        multiscale).
+    verbose : True shows a progress bar (tqdm, on stderr) over the same steps.
 
     Returns
     -------
@@ -99,20 +105,23 @@ def sinkhorn(
     cost = make_cost(p, cost)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
     selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost)
-    if selection.method is Method.MULTISCALE:
-        return solve_multiscale(
+    with progress_reporter(progress, verbose, f"sinkhorn ({selection})") as report:
+        if selection.method is Method.MULTISCALE:
+            return solve_multiscale(
+                measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
+                scaling=scaling, debias=bool(debias), truncate=truncate,
+                cluster_scale=cluster_scale, progress=report,
+            )
+        return solve(
             measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
-            scaling=scaling, debias=bool(debias), truncate=truncate, cluster_scale=cluster_scale,
+            scaling=scaling, debias=bool(debias), progress=report,
         )
-    return solve(
-        measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
-        scaling=scaling, debias=bool(debias),
-    )
 
 
 def sinkhorn_divergence(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
+    verbose=False,
 ):
     r"""Debiased Sinkhorn divergence ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2``.
 
@@ -130,12 +139,14 @@ def sinkhorn_divergence(
     return sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
+        progress=progress, verbose=verbose,
     ).value
 
 
 def value_and_grad(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
-    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None,
+    debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
+    verbose=False,
 ):
     r"""The Sinkhorn divergence and its gradients, without autograd (NumPy, CuPy, ...).
 
@@ -158,6 +169,7 @@ def value_and_grad(
     result = sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
+        progress=progress, verbose=verbose,
     )
     return result.value, result.gradient()
 

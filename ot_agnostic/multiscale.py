@@ -171,7 +171,7 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
 
 
 def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,
-                     truncate=DEFAULT_TRUNCATE, cluster_scale=None) -> SinkhornResult:
+                     truncate=DEFAULT_TRUNCATE, cluster_scale=None, progress=None) -> SinkhornResult:
     """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields)."""
     xp = measures.xp
     B, N, M, D = measures.shape
@@ -203,7 +203,7 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
         problem = MultiscaleProblem(
             measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost, selection.plugin, scale, xp=xp
         )
-        items.append((problem, *solve_item(problem, eps_list, rho, jump, truncate, debias)))
+        items.append((problem, *solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B))))
     values = [sinkhorn_cost(eps, rho, it[0].a, it[0].b, it[1], debias=debias, xp=xp) for it in items]
     value = xp.concat(values, axis=0)
 
@@ -296,6 +296,13 @@ class MultiscaleResult(SinkhornResult):
                 xp.take(sorted_grads.b[0, ...], inv_y, axis=0)[None, ...],
             ))
         return Gradients(*(m.unbatch(stop_gradient(xp.concat(g, axis=0))) for g in zip(*parts)))
+
+
+def _item_progress(progress, k, B):
+    """``progress(done, total)`` over the whole batch, from item ``k``'s own count."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(k * total + done, B * total)
 
 
 def _inverse(perm, xp):

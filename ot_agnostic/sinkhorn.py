@@ -87,23 +87,29 @@ def _max_change(old: Potentials, new: Potentials, *, xp) -> float:
     return max(to_float(xp.max(xp.abs(n - o))) for o, n in zip(old, new) if o is not None)
 
 
-def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, rho, *, xp):
+def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, rho, *, xp, progress=None):
     """Run eps-scaling on ``geoms``, then extrapolate once on ``final``.
 
     ``geoms`` hold gradient-free points; ``final`` holds the points that autograd tracks
     (each geometry tracks its first argument only, cf. the envelope theorem).
-    Returns ``(potentials, last, max_change)``: the extrapolated potentials, the last
+    ``progress(done, total)``, if given, is called after each of the ``len(eps_list) + 1``
+    steps. Returns ``(potentials, last, max_change)``: the extrapolated potentials, the last
     loop iterate they were computed from, and the largest change between the two.
     """
     zeros_x = xp.zeros_like(log_a)
     zeros_y = xp.zeros_like(log_b)
     start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if geoms.xx is not None else ()))
     pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
-    for eps in eps_list:
+    total = len(eps_list) + 1
+    for i, eps in enumerate(eps_list):
         pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, dampening(eps, rho)))
+        if progress is not None:
+            progress(i + 1, total)
     eps = eps_list[-1]
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
+    if progress is not None:
+        progress(total, total)
     return out, last, _max_change(last, out, xp=xp)
 
 
@@ -330,7 +336,7 @@ class SinkhornResult:
         return Gradients(*(m.unbatch(stop_gradient(g)) for g in grads))
 
 
-def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) -> SinkhornResult:
+def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias, progress=None) -> SinkhornResult:
     """Run the debiased (or not) Sinkhorn algorithm on validated measures; see ``ot_agnostic.sinkhorn``."""
     xp = measures.xp
     x, y, a, b = measures.x, measures.y, measures.a, measures.b
@@ -357,7 +363,7 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias) 
         final = loop
     log_a = safe_log(stop_gradient(a), xp=xp)
     log_b = safe_log(stop_gradient(b), xp=xp)
-    pot, last, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp)
+    pot, last, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp, progress=progress)
     value = sinkhorn_cost(eps, rho, a, b, pot, debias=debias, xp=xp)
 
     def out(v):
