@@ -1,11 +1,16 @@
 """Sphinx configuration for the ot_agnostic documentation (build: bash scripts/docs.sh)."""
 
+import contextlib
+import io
 import os
 import sys
-
-import ot_agnostic
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The gallery imports ``examples.colour_transfer`` (and ot_agnostic from the checkout).
+sys.path.insert(0, ROOT)
+
+import ot_agnostic  # noqa: E402
 
 project = "ot_agnostic"
 author = "the ot_agnostic developers"
@@ -17,6 +22,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
     "numpydoc",
+    "sphinx_gallery.gen_gallery",
 ]
 
 # autodoc / autosummary: document what ``ot_agnostic.__all__`` exports; no stub files.
@@ -37,19 +43,37 @@ html_theme_options = {
 }
 
 exclude_patterns = ["_build"]
-html_static_path = ["_static"]
 
+# sphinx-gallery: every examples/gallery/plot_*.py runs at build time (NumPy + Numba on
+# the CPU, no network) and its matplotlib figures go into docs/auto_examples/ (generated,
+# not in git, like docs/sg_execution_times.rst). An example that fails breaks the build.
+sphinx_gallery_conf = {
+    "examples_dirs": os.path.join("..", "examples", "gallery"),
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"plot_",
+    "within_subsection_order": "FileNameSortKey",  # a string: the config stays picklable
+    "download_all_examples": False,  # no zip archives of the sources
+    "abort_on_example_error": True,
+    "only_warn_on_example_error": False,
+    "show_memory": False,
+    "image_scrapers": ("matplotlib",),
+    "remove_config_comments": True,
+}
 
-def _example_figures(app):
-    """Render the figures of the example scripts into _static/generated (not in git)."""
-    out = os.path.join(ROOT, "docs", "_static", "generated")
-    os.makedirs(out, exist_ok=True)
-    sys.path.insert(0, ROOT)
-    from examples import colour_transfer
+# pykeops prints a banner when first imported ("CUDA libraries not found ... CPU only" on
+# CPU machines); POT imports it, so import it once here, quietly, rather than let the banner
+# land in the output of the first gallery example that imports POT.
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        import pykeops  # noqa: F401
+    except Exception:  # not installed, or broken: the examples do not need it
+        pass
 
-    colour_transfer.main(os.path.join(out, "colour_transfer.png"))
+# Examples run under matplotlib's non-interactive Agg backend: plt.show() is a no-op there.
+warnings.filterwarnings(
+    "ignore",
+    category=UserWarning,
+    message="(Matplotlib is currently using agg|FigureCanvasAgg is non-interactive)",
+)
 
-
-def setup(app):
-    app.connect("builder-inited", _example_figures)
 nitpicky = False
