@@ -1,100 +1,126 @@
-"""Time and peak memory of ``sinkhorn_divergence`` on NumPy and torch, with GeomLoss as anchor.
+"""``sinkhorn_divergence``: time and peak memory on every backend, same data (``common.clouds``).
 
-Every benchmark solves the same problem: two float32 point clouds of N = M points in D = 3
-(N in 1000, 5000), p = 2, blur = 0.05, default scaling 0.5. ``ot_agnostic`` runs its pure
-Array API plugin with ``backend="tensorized"`` (dense cost matrix) and ``"online"`` (cost
-recomputed block by block); GeomLoss's ``SamplesLoss("sinkhorn", backend="tensorized")`` on
-the same torch tensors is the reference point that makes timings comparable across machines.
-Benchmarks whose library is missing are skipped (``NotImplementedError`` in ``setup``).
+Debiased Sinkhorn divergence, D = 3 float32 clouds in the unit cube, p = 2, blur = 0.05,
+scaling = 0.5. Each class pins one plugin and method with ``backend="plugin/method"``, so a
+regression cannot hide behind a change of the ``"auto"`` choice. The anchors on the same data
+are in ``bench_anchors.py`` (GeomLoss ``SamplesLoss("sinkhorn")``, POT ``sinkhorn2``).
 """
-
-import numpy as np
 
 import ot_agnostic as ota
 
-SIZES = [1000, 5000]
-METHODS = ["tensorized", "online"]
-D, P, BLUR = 3, 2, 0.05
+from .common import (
+    BLUR, LARGE_SIZES, LARGE_TIMEOUT, P, SCALING, SIZES, Base, clouds, require_cupy_gpu,
+    require_keops, require_numba, torch_clouds, warm,
+)
 
 
-def point_clouds(n, seed=0):
-    """Two float32 clouds: a unit Gaussian blob and a shifted, anisotropic one."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype(np.float32)
-    y = (rng.normal(size=(n, D)) * [1.0, 0.5, 0.8] + [1.0, 0.0, 0.0]).astype(np.float32)
-    return x, y
+def divergence(x, y, backend):
+    return ota.sinkhorn_divergence(x, y, p=P, blur=BLUR, scaling=SCALING, backend=backend)
 
 
-def import_or_skip(name):
-    """The module ``name``, or ``NotImplementedError`` (asv's "skip this benchmark")."""
-    import importlib
+class _Divergence(Base):
+    backend = None
 
-    try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise NotImplementedError(f"{name} is not installed: {err}") from None
+    def time_divergence(self, *params):
+        divergence(self.x, self.y, self.backend)
 
-
-class _Base:
-    timeout = 600
-    # Each call takes from 0.1 s to several seconds on a 2-core machine: a few repeats suffice.
-    number = 1
-    repeat = (1, 5, 30.0)
-    warmup_time = 0.0
+    def peakmem_divergence(self, *params):
+        divergence(self.x, self.y, self.backend)
 
 
-class SinkhornNumPy(_Base):
-    """``ota.sinkhorn_divergence`` on NumPy float32 arrays."""
+class NumbaOnline(_Divergence):
+    """NumPy arrays, Numba CPU kernels, ``backend="numba/online"`` (O(N + M) memory).
 
-    params = (METHODS, SIZES)
-    param_names = ["backend", "n"]
+    ``OT_ASV_LARGE=1`` adds N = 100,000 (N = 10^6 online is hours of CPU: see ``Multiscale``).
+    """
 
-    def setup(self, backend, n):
-        self.x, self.y = point_clouds(n)
-        ota.sinkhorn_divergence(self.x[:10], self.y[:10], blur=BLUR, backend=backend)  # warm-up
-
-    def time_sinkhorn_divergence(self, backend, n):
-        ota.sinkhorn_divergence(self.x, self.y, p=P, blur=BLUR, backend=backend)
-
-    def peakmem_sinkhorn_divergence(self, backend, n):
-        ota.sinkhorn_divergence(self.x, self.y, p=P, blur=BLUR, backend=backend)
-
-
-class SinkhornTorch(_Base):
-    """``ota.sinkhorn_divergence`` on torch float32 CPU tensors (the array_api plugin)."""
-
-    params = (METHODS, SIZES)
-    param_names = ["backend", "n"]
-
-    def setup(self, backend, n):
-        torch = import_or_skip("torch")
-        x, y = point_clouds(n)
-        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        ota.sinkhorn_divergence(self.x[:10], self.y[:10], blur=BLUR, backend=backend)  # warm-up
-
-    def time_sinkhorn_divergence(self, backend, n):
-        ota.sinkhorn_divergence(self.x, self.y, p=P, blur=BLUR, backend=backend)
-
-    def peakmem_sinkhorn_divergence(self, backend, n):
-        ota.sinkhorn_divergence(self.x, self.y, p=P, blur=BLUR, backend=backend)
-
-
-class GeomLossAnchor(_Base):
-    """GeomLoss ``SamplesLoss("sinkhorn", p=2, blur=0.05, backend="tensorized")``: same data, same numbers."""
-
-    params = ([1000, 5000],)
+    params = (SIZES + LARGE_SIZES[:1],)
     param_names = ["n"]
+    timeout = LARGE_TIMEOUT
+    backend = "numba/online"
 
     def setup(self, n):
-        torch = import_or_skip("torch")
-        geomloss = import_or_skip("geomloss")
-        x, y = point_clouds(n)
-        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        self.loss = geomloss.SamplesLoss("sinkhorn", p=P, blur=BLUR, backend="tensorized")
-        self.loss(self.x[:10], self.y[:10])  # warm-up
+        require_numba()
+        self.x, self.y = clouds(n)
+        warm(divergence, self.x, self.y, self.backend)
 
-    def time_samplesloss_tensorized(self, n):
-        self.loss(self.x, self.y)
 
-    def peakmem_samplesloss_tensorized(self, n):
-        self.loss(self.x, self.y)
+class ArrayAPINumPy(_Divergence):
+    """NumPy arrays on the pure Array API plugin: ``"array_api/tensorized"`` (dense N x M) and ``"array_api/online"``."""
+
+    params = (["tensorized", "online"], SIZES)
+    param_names = ["method", "n"]
+
+    def setup(self, method, n):
+        self.x, self.y = clouds(n)
+        self.backend = f"array_api/{method}"
+        warm(divergence, self.x, self.y, self.backend)
+
+
+class ArrayAPITorch(_Divergence):
+    """torch CPU tensors on the pure Array API plugin, ``"array_api/tensorized"``."""
+
+    params = (SIZES,)
+    param_names = ["n"]
+    backend = "array_api/tensorized"
+
+    def setup(self, n):
+        self.x, self.y = torch_clouds(n)
+        warm(divergence, self.x, self.y, self.backend)
+
+
+class KeOpsOnline(_Divergence):
+    """torch CPU tensors, KeOps formulas (compiled in ``setup``), ``"keops/online"``."""
+
+    params = (SIZES,)
+    param_names = ["n"]
+    backend = "keops/online"
+
+    def setup(self, n):
+        require_keops()
+        self.x, self.y = torch_clouds(n)
+        warm(divergence, self.x, self.y, self.backend)
+
+
+class Multiscale(_Divergence):
+    """NumPy arrays, Numba block-sparse kernels, ``"numba/multiscale"``: N = 10^4 (and 10^5, 10^6
+    with ``OT_ASV_LARGE=1``). GeomLoss ``backend="multiscale"`` on the same data: ``bench_anchors.GeomLossMultiscale``.
+    """
+
+    params = ([10_000] + LARGE_SIZES,)
+    param_names = ["n"]
+    timeout = LARGE_TIMEOUT
+    backend = "numba/multiscale"
+
+    def setup(self, n):
+        require_numba()
+        self.x, self.y = clouds(n)
+        warm(divergence, self.x, self.y, self.backend, n=2000)  # big enough to cluster
+
+
+class CuPyNumbaCuda(_Divergence):
+    """CuPy arrays on the GPU, Numba CUDA kernels, ``"numba_cuda/online"`` and ``"numba_cuda/multiscale"``.
+
+    Skipped without CuPy and a CUDA device. Times include a device synchronisation
+    (``float()`` of the result).
+    """
+
+    params = (["online", "multiscale"], SIZES + LARGE_SIZES)
+    param_names = ["method", "n"]
+    timeout = LARGE_TIMEOUT
+
+    def setup(self, method, n):
+        cupy = require_cupy_gpu()
+        x, y = clouds(n)
+        self.x, self.y = cupy.asarray(x), cupy.asarray(y)
+        self.backend = f"numba_cuda/{method}"
+        try:
+            float(warm(divergence, self.x, self.y, self.backend, n=2000))
+        except ImportError as err:  # the plugin's GPU self-test failed (no libNVVM, ...)
+            raise NotImplementedError(str(err)) from None
+
+    def time_divergence(self, method, n):
+        float(divergence(self.x, self.y, self.backend))
+
+    def peakmem_divergence(self, method, n):  # host memory only: GPU memory is not measured
+        float(divergence(self.x, self.y, self.backend))
