@@ -213,3 +213,26 @@ def check_p(p) -> int:
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"p must be 1 or 2 (cost |x - y|^p / p), got {p!r}.")
     return int(p)
+
+
+def check_cluster_labels(labels, measures):
+    """``(labels_x (B, N), labels_y (B, M))``: integer arrays of the points' library and device,
+    shaped like the weights (``(N,)`` / ``(M,)``, or batched ``(B, N)`` / ``(B, M)``)."""
+    if not (isinstance(labels, (tuple, list)) and len(labels) == 2):
+        raise TypeError(
+            "cluster_labels must be a pair (labels_x, labels_y) of integer arrays of shapes (N,) "
+            f"and (M,), not {type(labels).__name__}."
+        )
+    xp = measures.xp
+    out = []
+    for name, lab, points in (("labels_x", labels[0], measures.x), ("labels_y", labels[1], measures.y)):
+        array_namespace(points, lab)
+        check_same_device(points, lab)
+        expected = tuple(points.shape[1:2]) if not measures.batched else tuple(points.shape[:2])
+        if tuple(lab.shape) != expected or not xp.isdtype(lab.dtype, "integral"):
+            raise ValueError(
+                f"{name} must be an integer array of shape {expected} (one cluster label per "
+                f"point), got {lab.dtype} of shape {tuple(lab.shape)}."
+            )
+        out.append(lab if measures.batched else lab[None, ...])
+    return tuple(out)

@@ -103,6 +103,29 @@ def grid_clusters(x, a, scale: float, *, xp) -> Clusters:
     key = cells[:, 0]
     for d in range(1, D):
         key = key * extent[d] + cells[:, d]
+    return keyed_clusters(x, a, key, xp=xp)
+
+
+def label_clusters(x, a, labels, *, xp) -> Clusters:
+    """Cluster ``x (N, D)`` with weights ``a (N,)`` by integer ``labels (N,)`` (GeomLoss's
+    ``L(l_x, a, x, l_y, b, y)``): one cluster per distinct label, in increasing label order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [1.0], [4.0]]); a = np.full(3, 1 / 3)
+    >>> c = label_clusters(x, a, np.array([7, 2, 7]), xp=np)
+    >>> c.perm.tolist(), c.ranges.tolist(), c.centroids[:, 0].tolist()
+    ([1, 0, 2], [[0, 1], [1, 3]], [1.0, 2.0])
+    """
+    return keyed_clusters(x, a, labels, xp=xp)
+
+
+def keyed_clusters(x, a, key, *, xp) -> Clusters:
+    """The clusters of the points that share a value of the integer ``key (N,)``, sorted by key."""
+    import numpy as np
+
+    N = x.shape[0]
     perm = xp.argsort(key, stable=True)
     sorted_key = to_host(xp.take(key, perm))
     starts = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from ._array_api import safe_log
 from ._progress import progress_reporter
-from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
+from ._validation import (
+    check_cluster_labels, check_p, check_positive, check_power, check_scaling, validate_measures,
+)
 from .backends import Method, Selection, parse_backend, select_backend
 from .multiscale import solve_multiscale
 from .costs import Kernel, make_cost
@@ -30,7 +32,7 @@ __all__ = [
 def sinkhorn(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False,
+    verbose=False, cluster_labels=None,
 ) -> SinkhornResult:
     r"""Entropic optimal transport between ``sum_i a_i delta_{x_i}`` and ``sum_j b_j delta_{y_j}``.
 
@@ -73,6 +75,10 @@ def sinkhorn(
         ``"SqDist(X,Y) / IntCst(2)"`` (torch tensors, KeOps "online"); or a
         ``(formula, function)`` pair (KeOps where it runs, the function elsewhere and for
         the multiscale truncation). See :class:`ot_agnostic.costs.CustomCost`.
+    cluster_labels : multiscale only: None (grid clusters), or ``(labels_x, labels_y)``,
+        integer arrays ``(N,)``, ``(M,)`` (``(B, N)``, ``(B, M)``) giving each point's cluster, as
+        GeomLoss's ``L(l_x, a, x, l_y, b, y)``; ``backend="auto"`` then runs multiscale
+        (``cluster_scale`` still sets when the loop leaves the clusters).
     progress : None, or a function ``progress(done, total)`` called after each Sinkhorn step
         (``total``: the eps-scaling steps plus the final one, times the batch size for
         multiscale).
@@ -104,13 +110,17 @@ def sinkhorn(
     cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
     cost = make_cost(p, cost)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
+    labels = None
+    if cluster_labels is not None:
+        labels = check_cluster_labels(cluster_labels, measures)
+        backend = _multiscale_backend(backend)
     selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost)
     with progress_reporter(progress, verbose, f"sinkhorn ({selection})") as report:
         if selection.method is Method.MULTISCALE:
             return solve_multiscale(
                 measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
                 scaling=scaling, debias=bool(debias), truncate=truncate,
-                cluster_scale=cluster_scale, progress=report,
+                cluster_scale=cluster_scale, progress=report, labels=labels,
             )
         return solve(
             measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
@@ -118,10 +128,23 @@ def sinkhorn(
         )
 
 
+def _multiscale_backend(backend):
+    """``backend`` for a call with cluster labels: "auto" becomes "multiscale" (same plugin)."""
+    plugin_id, method = parse_backend(backend)
+    if method is Method.AUTO:
+        return Method.MULTISCALE if plugin_id is None else f"{plugin_id.value}/multiscale"
+    if method is not Method.MULTISCALE:
+        raise ValueError(
+            f"cluster_labels define the clusters of backend='multiscale'; got backend={backend!r}. "
+            "Pass backend='auto' or 'multiscale', or drop the labels."
+        )
+    return backend
+
+
 def sinkhorn_divergence(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False,
+    verbose=False, cluster_labels=None,
 ):
     r"""Debiased Sinkhorn divergence ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2``.
 
@@ -139,14 +162,14 @@ def sinkhorn_divergence(
     return sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
-        progress=progress, verbose=verbose,
+        progress=progress, verbose=verbose, cluster_labels=cluster_labels,
     ).value
 
 
 def value_and_grad(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False,
+    verbose=False, cluster_labels=None,
 ):
     r"""The Sinkhorn divergence and its gradients, without autograd (NumPy, CuPy, ...).
 
@@ -169,7 +192,7 @@ def value_and_grad(
     result = sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
-        progress=progress, verbose=verbose,
+        progress=progress, verbose=verbose, cluster_labels=cluster_labels,
     )
     return result.value, result.gradient()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from ._array_api import requires_grad, safe_log, stop_gradient, to_host
 from .backends import Method
 from .backends._base import BlockSparsity
-from .clustering import default_cluster_scale, grid_clusters
+from .clustering import default_cluster_scale, grid_clusters, label_clusters
 from .sinkhorn import (
     Geometries,
     Gradients,
@@ -82,10 +82,14 @@ def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate
 class MultiscaleProblem:
     """One batch item: sorted points, their clusters, and the geometries at both scales."""
 
-    def __init__(self, x, y, a, b, cost, plugin, cluster_scale, *, xp):
+    def __init__(self, x, y, a, b, cost, plugin, cluster_scale, *, xp, labels=None):
         self.xp, self.cost, self.plugin = xp, cost, plugin
-        self.cx = grid_clusters(stop_gradient(x), stop_gradient(a), cluster_scale, xp=xp)
-        self.cy = grid_clusters(stop_gradient(y), stop_gradient(b), cluster_scale, xp=xp)
+        if labels is None:
+            self.cx = grid_clusters(stop_gradient(x), stop_gradient(a), cluster_scale, xp=xp)
+            self.cy = grid_clusters(stop_gradient(y), stop_gradient(b), cluster_scale, xp=xp)
+        else:
+            self.cx = label_clusters(stop_gradient(x), stop_gradient(a), labels[0], xp=xp)
+            self.cy = label_clusters(stop_gradient(y), stop_gradient(b), labels[1], xp=xp)
         take = xp.take
         # sorted points, batch axis of 1 for the plugins; x and y keep autograd
         self.x = take(x, self.cx.perm, axis=0)[None, ...]
@@ -171,8 +175,13 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
 
 
 def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,
-                     truncate=DEFAULT_TRUNCATE, cluster_scale=None, progress=None) -> SinkhornResult:
-    """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields)."""
+                     truncate=DEFAULT_TRUNCATE, cluster_scale=None, progress=None,
+                     labels=None) -> SinkhornResult:
+    """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields).
+
+    ``labels``: None (grid clusters of side ``cluster_scale``) or validated batched integer
+    labels ``(labels_x (B, N), labels_y (B, M))`` that define the clusters instead.
+    """
     xp = measures.xp
     B, N, M, D = measures.shape
     if D > MAX_DIM:
@@ -201,7 +210,8 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
     items = []
     for k in range(B):
         problem = MultiscaleProblem(
-            measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost, selection.plugin, scale, xp=xp
+            measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost,
+            selection.plugin, scale, xp=xp, labels=None if labels is None else (labels[0][k, ...], labels[1][k, ...]),
         )
         items.append((problem, *solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B))))
     values = [sinkhorn_cost(eps, rho, it[0].a, it[0].b, it[1], debias=debias, xp=xp) for it in items]

@@ -23,10 +23,11 @@ numbers are those of GeomLoss 0.3.1, with these differences:
   ``kernel(x, y, blur=..., use_keops=..., ranges=None)`` returning a ``(B, N, M)`` tensor
   (or a KeOps ``LazyTensor`` when ``use_keops`` is True, i.e. ``backend="online"`` or a
   large ``"auto"`` problem).
-* The cluster-label call ``L(l_x, a, x, l_y, b, y)`` raises ``NotImplementedError``
-  (multiscale clusters the points itself). ``backend="multiscale"`` runs
-  ``loss="sinkhorn"`` (D <= 3) with ``truncate`` and ``cluster_scale`` as in GeomLoss; the
-  other losses refuse it.
+* ``backend="multiscale"`` runs ``loss="sinkhorn"`` (D <= 3) with ``truncate`` and
+  ``cluster_scale`` as in GeomLoss; the other losses refuse it. The cluster-label call
+  ``L(l_x, a, x, l_y, b, y)`` (integer labels ``(N,)``, ``(M,)``, or ``(B, N)``, ``(B, M)``)
+  uses the given clusters instead of a grid, with ``backend="auto"`` or ``"multiscale"``
+  as in GeomLoss (and batches, which GeomLoss refuses).
 * ``verbose=True`` logs what ran (backend, iterations, last change of the potentials; for
   multiscale the clusters and the share of pairs kept) on the ``"ot_agnostic"`` logger at
   level INFO, and shows those messages on stderr if that logger has no handler yet.
@@ -209,21 +210,27 @@ class SamplesLoss(torch.nn.Module):
         return ", ".join(f"{key}={getattr(self, key)!r}" for key in keys)
 
     def forward(self, *args):
-        """``L(x, y)`` or ``L(a, x, b, y)``: the loss (0-d or ``(B,)``), or ``(F, G)``."""
-        a, x, b, y = _parse_args(args)
+        """``L(x, y)``, ``L(a, x, b, y)`` or ``L(l_x, a, x, l_y, b, y)``: the loss (0-d or
+        ``(B,)``), or ``(F, G)``."""
+        labels, a, x, b, y = _parse_args(args)
+        if labels is not None and self.loss != "sinkhorn":
+            raise NotImplementedError(
+                f"cluster labels define the clusters of multiscale Sinkhorn (loss='sinkhorn'), "
+                f"not of loss={self.loss!r}: call L(a, x, b, y)."
+            )
         if self.potentials:
-            F, G = self._potentials(x, y, a, b)
+            F, G = self._potentials(x, y, a, b, labels)
             if x.ndim == 2:  # GeomLoss 0.3.1 returns (1, N) and (1, M) for unbatched inputs
                 F, G = F[None, :], G[None, :]
             return F, G
-        return self._value(x, y, a, b)
+        return self._value(x, y, a, b, labels)
 
     # -- the two outputs ------------------------------------------------------------------
 
-    def _value(self, x, y, a, b):
+    def _value(self, x, y, a, b, labels=None):
         backend = self.backend
         if self.loss == "sinkhorn":
-            return self._sinkhorn(x, y, a, b).value
+            return self._sinkhorn(x, y, a, b, labels).value
         if self.loss == "hausdorff":
             return hausdorff_divergence(x, y, a, b, p=self.p, blur=self.blur, backend=backend, cost=self.cost)
         if self.kernel is not None:
@@ -234,19 +241,20 @@ class SamplesLoss(torch.nn.Module):
             return gaussian_mmd(x, y, a, b, blur=self.blur, backend=backend)
         return laplacian_mmd(x, y, a, b, blur=self.blur, backend=backend)
 
-    def _sinkhorn(self, x, y, a, b):
+    def _sinkhorn(self, x, y, a, b, labels=None):
         res = sinkhorn(
             x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
             scaling=self.scaling, debias=self.debias, backend=self.backend,
             truncate=self.truncate, cluster_scale=self.cluster_scale, cost=self.cost,
+            cluster_labels=labels,
         )
         if self.verbose:
             _report(res)
         return res
 
-    def _potentials(self, x, y, a, b):
+    def _potentials(self, x, y, a, b, labels=None):
         if self.loss == "sinkhorn":
-            res = self._sinkhorn(x, y, a, b)
+            res = self._sinkhorn(x, y, a, b, labels)
             if self.debias:  # Feydy's thesis, Eq. (3.209); GeomLoss returns it for reach too
                 return res.f - res.f_aa, res.g - res.g_bb
             return res.f, res.g
@@ -259,27 +267,29 @@ class SamplesLoss(torch.nn.Module):
 
 
 def _parse_args(args):
-    """``(a, x, b, y)`` from GeomLoss's call forms; ``a``, ``b`` are None for ``L(x, y)``."""
+    """``(labels, a, x, b, y)`` from GeomLoss's call forms; ``a``, ``b`` are None for
+    ``L(x, y)``, ``labels`` is ``(l_x, l_y)`` for ``L(l_x, a, x, l_y, b, y)``, else None."""
+    labels = None
     if len(args) == 2:
         (x, y), a, b = args, None, None
     elif len(args) == 4:
         a, x, b, y = args
     elif len(args) == 6:
-        raise NotImplementedError(
-            "the cluster-label call L(l_x, a, x, l_y, b, y) is not supported: call L(a, x, b, y) "
-            "with backend='multiscale', which clusters the points itself (cluster_scale=...)."
-        )
+        l_x, a, x, l_y, b, y = args
+        labels = (l_x, l_y)
     else:
         raise ValueError(
-            f"SamplesLoss takes two (x, y) or four (a, x, b, y) tensors, got {len(args)} arguments."
+            f"SamplesLoss takes two (x, y), four (a, x, b, y) or six (l_x, a, x, l_y, b, y) "
+            f"tensors, got {len(args)} arguments."
         )
-    for name, value in (("a", a), ("x", x), ("b", b), ("y", y)):
+    named = [("a", a), ("x", x), ("b", b), ("y", y)] + ([] if labels is None else [("l_x", labels[0]), ("l_y", labels[1])])
+    for name, value in named:
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"{name} must be a torch.Tensor, got {type(value).__name__}; for NumPy or CuPy "
                 "arrays, call the functions of ot_agnostic (e.g. ot_agnostic.sinkhorn_divergence)."
             )
-    return _squeeze_weights(a, x), x, _squeeze_weights(b, y), y
+    return labels, _squeeze_weights(a, x), x, _squeeze_weights(b, y), y
 
 
 def _squeeze_weights(w, points):

@@ -286,3 +286,52 @@ def test_same_numbers_as_geomloss_multiscale(keops):
         _, grads = ota.value_and_grad(x, y, blur=blur, backend="multiscale")
         np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-7)
         assert _cosines([grads.x], [ref_grad.numpy()])[0] > 0.999
+
+
+def _bins(points, side):
+    """A user's clustering: integer labels of the cubic bins of ``side``."""
+    cells = np.floor(points / side).astype(np.int64)
+    return cells[:, 0] * 10_000 + cells[:, 1] * 100 + cells[:, 2]
+
+
+def test_cluster_labels_of_the_grid_give_the_grid_numbers():
+    rng = np.random.default_rng(8)
+    x, y = rng.random((800, 3)), rng.random((700, 3)) * 0.9 + 0.05
+    kw = dict(blur=0.05, scaling=0.7, cluster_scale=0.1, diameter=2.0)
+    grid = ota.sinkhorn(x, y, backend="multiscale", **kw)
+    # the same cells as the grid (it bins from each cloud's lowest corner)
+    labels = (_bins(x - x.min(0), 0.1), _bins(y - y.min(0), 0.1))
+    labelled = ota.sinkhorn(x, y, cluster_labels=labels, **kw)  # "auto" runs multiscale
+    assert labelled.backend == "numba/multiscale"
+    np.testing.assert_allclose(float(labelled.value), float(grid.value), rtol=1e-12)
+    np.testing.assert_allclose(labelled.gradient().x, grid.gradient().x, rtol=1e-9, atol=1e-15)
+
+
+def test_cluster_labels_match_geomloss(keops):
+    import torch
+
+    rng = np.random.default_rng(9)
+    x, y = rng.random((1000, 3)), rng.random((900, 3)) * 0.8 + 0.1
+    a, b = np.full(1000, 1e-3), np.full(900, 1 / 900)
+    # not the grid GeomLoss would pick; numbered 0..K-1, as GeomLoss indexes its clusters by label
+    l_x, l_y = (np.unique(_bins(p, 0.13), return_inverse=True)[1] for p in (x, y + 0.05))
+    kw = dict(p=2, blur=0.03, scaling=0.5, cluster_scale=0.13)
+    ours = ota.sinkhorn_divergence(x, y, a, b, cluster_labels=(l_x, l_y), **kw)
+    tensors = [torch.tensor(v) for v in (l_x, a, x, l_y, b, y)]
+    ref = keops.SamplesLoss("sinkhorn", backend="multiscale", **kw)(*tensors)
+    np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-7)
+    on = ota.sinkhorn_divergence(x, y, a, b, backend="online", **kw)
+    assert abs(float(ours) / float(on) - 1) < 0.05
+
+
+def test_cluster_labels_errors():
+    x, y = np.random.default_rng(0).random((2, 50, 2))
+    good = (np.zeros(50, dtype=np.int64), np.zeros(50, dtype=np.int64))
+    with pytest.raises(ValueError, match="backend='multiscale'; got backend='tensorized'"):
+        ota.sinkhorn(x, y, cluster_labels=good, backend="tensorized")
+    with pytest.raises(ValueError, match=r"labels_x must be an integer array of shape \(50,\)"):
+        ota.sinkhorn(x, y, cluster_labels=(np.zeros(49, dtype=np.int64), good[1]))
+    with pytest.raises(ValueError, match="integer array"):
+        ota.sinkhorn(x, y, cluster_labels=(np.zeros(50), good[1]))
+    with pytest.raises(TypeError, match="a pair"):
+        ota.sinkhorn(x, y, cluster_labels=good[0])

@@ -28,6 +28,7 @@ from conftest import TOL
 
 torch = pytest.importorskip("torch", reason="SamplesLoss needs torch")
 
+import ot_agnostic as ota  # noqa: E402
 from ot_agnostic.torch import LOSSES, SamplesLoss  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -347,9 +348,9 @@ def test_accepted_settings_are_stored_like_geomloss():
 def test_call_errors():
     x, y = torch.rand(5, 2), torch.rand(4, 2)
     layer = SamplesLoss()
-    with pytest.raises(ValueError, match="two .* or four"):
+    with pytest.raises(ValueError, match="two .*, four .* or six"):
         layer(x, y, x)
-    with pytest.raises(NotImplementedError, match="cluster-label call"):
+    with pytest.raises(ValueError, match="integer array"):  # float labels
         layer(torch.zeros(5), torch.ones(5) / 5, x, torch.zeros(4), torch.ones(4) / 4, y)
     with pytest.raises(TypeError, match="torch.Tensor"):
         layer(x.numpy(), y.numpy())
@@ -586,3 +587,18 @@ def test_verbose_logs_what_ran(caplog):
     assert "array_api/tensorized" in messages[0] and "eps-scaling steps" in messages[0]
     kept = float(messages[1].split("kept ")[1].split("%")[0])
     assert "array_api/multiscale" in messages[1] and 0 < kept < 100
+
+
+def test_cluster_label_call_and_its_errors():
+    x, y, a, b = (torch.tensor(v) for v in make_data(13, True, n=200, m=150))
+    l_x, l_y = (torch.as_tensor((p[:, 0] * 4).floor().long() * 10 + (p[:, 1] * 4).floor().long()) for p in (x, y))
+    kw = dict(blur=0.05, scaling=0.7, cluster_scale=0.25)
+    labelled = SamplesLoss("sinkhorn", **kw)(l_x, a, x, l_y, b, y)
+    ref = ota.sinkhorn_divergence(x, y, a, b, cluster_labels=(l_x, l_y), backend="multiscale", **kw)
+    assert labelled.item() == pytest.approx(ref.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="cluster_labels define the clusters"):
+        SamplesLoss("sinkhorn", backend="tensorized", **kw)(l_x, a, x, l_y, b, y)
+    with pytest.raises(NotImplementedError, match="not of loss='energy'"):
+        SamplesLoss("energy")(l_x, a, x, l_y, b, y)
+    with pytest.raises(TypeError, match="l_x must be a torch.Tensor"):
+        SamplesLoss("sinkhorn")(l_x.numpy(), a, x, l_y, b, y)
