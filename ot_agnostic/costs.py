@@ -98,6 +98,11 @@ class CustomCost:
                 f"shapes {tuple(x.shape)} and {tuple(y.shape)}, not {getattr(c, 'shape', type(c).__name__)}"
                 "; it is called on batched (B, N, D) and (B, M, D) points."
             )
+        if bool(xp.any(xp.isnan(c))):  # +inf is allowed: a forbidden pair
+            raise ValueError(
+                "the cost function returned NaN values; every entry must be a number "
+                "(+inf marks a pair that may not be matched)."
+            )
         return c
 
 

@@ -107,12 +107,12 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         """Solve entropic OT between the rows of ``X`` and the target; returns ``self``."""
-        p, blur, reach, scaling = self._check_params()
+        p, blur, reach, scaling, tol = self._check_params()
         X = self._validate(X, reset=True)
         target = self._target_samples(X)
         res = sinkhorn(X, target, p=p, blur=blur, reach=reach, scaling=scaling, debias=False, backend=self.backend)
-        f, g, rounds, change = refine_potentials(res, tol=self.tol, max_iter=self.max_iter)
-        if change > self.tol:
+        f, g, rounds, change = refine_potentials(res, tol=tol, max_iter=self.max_iter)
+        if change > tol:
             warnings.warn(
                 f"OTTransformer: the potentials still moved by {change:.2e} eps after max_iter="
                 f"{self.max_iter} Sinkhorn iterations (tol={self.tol}); raise max_iter, or blur.",
@@ -173,8 +173,7 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             or self.n_target_samples < 1
         ):
             raise ValueError(f"n_target_samples must be a positive integer or None, got {self.n_target_samples!r}.")
-        del tol
-        return p, blur, reach, check_scaling(self.scaling)
+        return p, blur, reach, check_scaling(self.scaling), tol
 
     def _validate(self, X, *, reset, method="fit"):
         """scikit-learn's checks, in ``X``'s namespace; on later calls, ``X`` must come from the

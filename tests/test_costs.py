@@ -145,6 +145,7 @@ def test_make_cost_forms():
     "kwargs, error, match",
     [
         (dict(cost=lambda x, y: x[..., 0]), ValueError, r"must return a \(B, N, M\)"),
+        (dict(cost=lambda x, y: half_squared(x, y) * np.nan), ValueError, "returned NaN values"),
         (dict(cost=half_squared, backend="numba"), ValueError, "built-in costs .* only"),
         (dict(cost=half_squared, backend="numba/online"), ValueError, "runs on the 'array_api'"),
         (dict(cost="SqDist(X,Y) / IntCst(2)"), ValueError, "KeOps formula .* torch tensors"),
