@@ -165,8 +165,8 @@ def _check_balanced(xp, a, b, rtol) -> None:
         )
 
 
-def check_positive(value, name: str, *, allow_none: bool = False) -> float | None:
-    """Return ``float(value)`` after checking it is a finite positive number."""
+def check_positive(value, name: str, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
+    """Return ``float(value)`` after checking it is a finite positive (or zero) number."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool):
@@ -175,8 +175,9 @@ def check_positive(value, name: str, *, allow_none: bool = False) -> float | Non
         number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a positive number, got {value!r}.") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
+    if not (math.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}.")
     return number
 
 

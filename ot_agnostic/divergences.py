@@ -61,9 +61,12 @@ def sinkhorn(
         ``result.backend`` reports, e.g. "keops/online").
     truncate : multiscale only: after the jump from the clusters to the points, the pairs of
         clusters whose coupling ``exp((f_I + g_J - C(x_I, y_J)) / eps)`` is below
-        ``exp(-truncate)`` are skipped (GeomLoss's default, 5). Larger is more accurate.
+        ``exp(-truncate)`` are skipped (GeomLoss's default, 5). Larger is more accurate;
+        None keeps every pair (as GeomLoss).
     cluster_scale : multiscale only: the side of the grid cells that cluster the points
         (D <= 3); the loop leaves the clusters for the points once ``eps < cluster_scale**p``.
+        If that never happens (``cluster_scale <= blur``), the final step is the
+        extrapolation from the clusters to the points, as in GeomLoss.
         Default: see :func:`ot_agnostic.clustering.default_cluster_scale` (GeomLoss's
         ``diameter / (sqrt(D) * 2000**(1/D))`` for small clouds, down to ``blur`` for large ones).
     cost : None for ``C(x, y) = |x - y|^p / p``, or a custom ground cost as in GeomLoss
@@ -77,8 +80,9 @@ def sinkhorn(
         the multiscale truncation). See :class:`ot_agnostic.costs.CustomCost`.
     cluster_labels : multiscale only: None (grid clusters), or ``(labels_x, labels_y)``,
         integer arrays ``(N,)``, ``(M,)`` (``(B, N)``, ``(B, M)``) giving each point's cluster, as
-        GeomLoss's ``L(l_x, a, x, l_y, b, y)``; ``backend="auto"`` then runs multiscale
-        (``cluster_scale`` still sets when the loop leaves the clusters).
+        GeomLoss's ``L(l_x, a, x, l_y, b, y)``; ``backend="auto"`` then runs multiscale, in
+        any dimension D (``cluster_scale`` then only sets when the loop leaves the clusters:
+        0 is allowed, and the default is GeomLoss's ``diameter / (sqrt(D) * 2000**(1/D))``).
     progress : None, or a function ``progress(done, total)`` called after each Sinkhorn step
         (``total``: the eps-scaling steps plus the final one, times the batch size for
         multiscale).
@@ -106,15 +110,15 @@ def sinkhorn(
     check_power(reach, p, "reach", "rho")
     diameter = check_positive(diameter, "diameter", allow_none=True)
     scaling = check_scaling(scaling)
-    truncate = check_positive(truncate, "truncate")
-    cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
+    truncate = check_positive(truncate, "truncate", allow_none=True)
+    cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True, allow_zero=True)
     cost = make_cost(p, cost)
     measures = validate_measures(x, y, a, b, balanced=reach is None)
     labels = None
     if cluster_labels is not None:
         labels = check_cluster_labels(cluster_labels, measures)
         backend = _multiscale_backend(backend)
-    selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost)
+    selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost, labelled=labels is not None)
     with progress_reporter(progress, verbose, f"sinkhorn ({selection})") as report:
         if selection.method is Method.MULTISCALE:
             return solve_multiscale(

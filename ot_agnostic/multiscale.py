@@ -15,18 +15,22 @@ The algorithm of GeomLoss (Feydy 2020, Algorithm 3.6), run on any plugin:
 4. the loop goes on with block-sparse softmins on the points, down to ``eps = blur**p``,
    and the final extrapolation (which carries the gradients) is block-sparse too.
 
-The jump happens at the last temperature that is still above ``cluster_scale**p``, and
-never after the last iteration: at least the final extrapolation runs on the points.
+The jump happens at the last temperature that is still above ``cluster_scale**p``. When
+there is none (clusters finer than the blur), the loop stays on the clusters to the end
+and, as in GeomLoss, the final step *is* the extrapolation to the points (a softmin
+against the centroids, which carries the gradients): no truncation, no block-sparse step.
 Memory: ``O(N + M)`` for the points plus ``O(Kx * Ky)`` booleans for the kept cluster
 pairs. Batches are solved one item after the other (each item has its own clusters).
 """
 
 from __future__ import annotations
 
-from ._array_api import requires_grad, safe_log, stop_gradient, to_host
+from typing import Any, NamedTuple
+
+from ._array_api import device_of, requires_grad, safe_log, stop_gradient, to_host
 from .backends import Method
 from .backends._base import BlockSparsity
-from .clustering import default_cluster_scale, grid_clusters, label_clusters
+from .clustering import default_cluster_scale, geomloss_cluster_scale, grid_clusters, label_clusters
 from .sinkhorn import (
     Geometries,
     Gradients,
@@ -44,7 +48,6 @@ from .sinkhorn import (
 
 #: GeomLoss's default: keep the cluster pairs whose coupling is above ``exp(-truncate)``.
 DEFAULT_TRUNCATE = 5.0
-SETTLE = 0
 #: Multiscale works on grids: up to this dimension.
 MAX_DIM = 3
 
@@ -62,7 +65,7 @@ def jump_index(eps_list, cluster_scale: float, p: int) -> int:
 
 
 def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate, *, xp):
-    """The kept cluster pairs, a host boolean array: with ``s = f_I + g_J - C(x_I, y_J)``,
+    """The kept cluster pairs, a host boolean array (all of them if ``truncate`` is None): with ``s = f_I + g_J - C(x_I, y_J)``,
     ``keep[I, J] = s >= -truncate * eps`` (GeomLoss' rule) or ``s`` within ``truncate * eps``
     of the largest ``s`` of row ``I`` or of column ``J``.
 
@@ -70,6 +73,8 @@ def truncation(coarse_f, coarse_g, centroids_x, centroids_y, cost, eps, truncate
     threshold, e.g. an isolated cluster in unbalanced OT, whose damped potentials lower
     every ``s``: it would otherwise keep no partner at all and get an infinite potential.
     """
+    if truncate is None:  # GeomLoss's truncate=None: keep every pair
+        return to_host(xp.ones((centroids_x.shape[0], centroids_y.shape[0]), dtype=xp.bool))
     c = cost.matrix(centroids_x[None, ...], centroids_y[None, ...], xp=xp)[0, ...]
     s = coarse_f[:, None] + coarse_g[None, :] - c
     margin = truncate * eps
@@ -121,16 +126,36 @@ class MultiscaleProblem:
         yy = build(y, stop_gradient(self.y), self.cost, BlockSparsity(ry, ry, keeps[2]), xp=self.xp)
         return Geometries(xy, yx, xx, yy)
 
+    def extrapolation_geometries(self, debias, x, y):
+        """Points against centroids (``x``, ``y``: the points, tracked or not): one
+        ``_sinkhorn_step`` on them, with the clusters' log-weights, carries the coarse
+        potentials to the points."""
+        xc, yc = stop_gradient(self.xc), stop_gradient(self.yc)
+        extra = (self.dense(x, xc), self.dense(y, yc)) if debias else ()
+        return Geometries(self.dense(x, yc), self.dense(y, xc), *extra)
+
     def extrapolate(self, pot: Potentials, eps, damping) -> Potentials:
         """The coarse potentials carried to the points: one softmin against the centroids."""
-        x, y = stop_gradient(self.x), stop_gradient(self.y)
-        f_ba = damping * self.dense(x, self.yc).softmin(eps, self.log_bc + pot.g_ab / eps)
-        g_ab = damping * self.dense(y, self.xc).softmin(eps, self.log_ac + pot.f_ba / eps)
-        if pot.f_aa is None:
-            return Potentials(f_ba, g_ab)
-        f_aa = damping * self.dense(x, self.xc).softmin(eps, self.log_ac + pot.f_aa / eps)
-        g_bb = damping * self.dense(y, self.yc).softmin(eps, self.log_bc + pot.g_bb / eps)
-        return Potentials(f_ba, g_ab, f_aa, g_bb)
+        geoms = self.extrapolation_geometries(pot.f_aa is not None, stop_gradient(self.x), stop_gradient(self.y))
+        return _sinkhorn_step(geoms, pot, self.log_ac, self.log_bc, eps, damping)
+
+    def on_points(self, coarse: Potentials) -> Potentials:
+        """Each point gets the coarse potential of its cluster (to measure a change)."""
+        import numpy as np
+
+        xp = self.xp
+
+        def spread(v, clusters):
+            counts = clusters.ranges[:, 1] - clusters.ranges[:, 0]
+            index = xp.asarray(np.repeat(np.arange(clusters.count), counts), device=device_of(v))
+            return xp.take(v, index, axis=1)
+
+        fx = (coarse.f_ba, coarse.f_aa)
+        gy = (coarse.g_ab, coarse.g_bb)
+        return Potentials(
+            spread(fx[0], self.cx), spread(gy[0], self.cy),
+            *(() if fx[1] is None else (spread(fx[1], self.cx), spread(gy[1], self.cy))),
+        )
 
     def keeps(self, pot: Potentials, eps, truncate):
         """The kept cluster pairs of OT(a, b) (and of OT(a, a), OT(b, b) when debiased)."""
@@ -142,8 +167,26 @@ class MultiscaleProblem:
         return keeps
 
 
-def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None):
-    """Run the two-scale loop on one item; returns ``(pot, last, change, loop geometries, keeps)``."""
+class ItemSolution(NamedTuple):
+    """The solution of one batch item, sorted by cluster (batch axis of 1).
+
+    ``pot``: the final potentials on the points; ``last``: the loop iterate the final step
+    started from (on the clusters if the final step was the extrapolation); ``geoms``,
+    ``log_a``, ``log_b``: the geometries and log-weights of the final step (its envelope
+    gradients); ``keeps``: the kept cluster pairs (None when the loop never left the clusters).
+    """
+
+    pot: Potentials
+    last: Potentials
+    change: float
+    geoms: Geometries
+    log_a: Any
+    log_b: Any
+    keeps: Any
+
+
+def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None) -> ItemSolution:
+    """Run the two-scale loop on one item."""
     xp = problem.xp
     geoms = problem.coarse_geometries(debias)
     log_a, log_b = problem.log_ac, problem.log_bc
@@ -151,27 +194,32 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
     start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if debias else ()))
     pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
     keeps = None
+    final_index = len(eps_list) - 1
     for i, eps in enumerate(eps_list):
         damping = dampening(eps, rho)
         pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, damping))
-        if i == jump:
+        if i == jump and i < final_index:
             keeps = problem.keeps(pot, eps, truncate)
             pot = problem.extrapolate(pot, eps, damping)
             geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
             log_a = safe_log(stop_gradient(problem.a), xp=xp)
             log_b = safe_log(stop_gradient(problem.b), xp=xp)
-            for _ in range(SETTLE):
-                pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, damping))
         if progress is not None:
             progress(i + 1, len(eps_list) + 1)
     eps = eps_list[-1]
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     tracked = any(requires_grad(t) for t in (problem.x, problem.y))
-    final = problem.fine_geometries(keeps, problem.x, problem.y) if tracked else geoms
+    if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step
+        geoms = problem.extrapolation_geometries(debias, stop_gradient(problem.x), stop_gradient(problem.y))
+        final = problem.extrapolation_geometries(debias, problem.x, problem.y) if tracked else geoms
+        before = problem.on_points(last)
+    else:
+        final = problem.fine_geometries(keeps, problem.x, problem.y) if tracked else geoms
+        before = last
     out = _sinkhorn_step(final, last, log_a, log_b, eps, dampening(eps, rho))
     if progress is not None:
         progress(len(eps_list) + 1, len(eps_list) + 1)
-    return out, last, _max_change(last, out, xp=xp), geoms, keeps
+    return ItemSolution(out, last, _max_change(before, out, xp=xp), geoms, log_a, log_b, keeps)
 
 
 def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,
@@ -180,14 +228,23 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
     """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields).
 
     ``labels``: None (grid clusters of side ``cluster_scale``) or validated batched integer
-    labels ``(labels_x (B, N), labels_y (B, M))`` that define the clusters instead.
+    labels ``(labels_x (B, N), labels_y (B, M))`` that define the clusters instead (any D;
+    ``cluster_scale`` then only places the jump, 0 meaning "after the last iteration", and
+    defaults to GeomLoss's ``diameter / (sqrt(D) * 2000**(1/D))``). ``truncate=None`` keeps
+    every cluster pair.
     """
     xp = measures.xp
     B, N, M, D = measures.shape
-    if D > MAX_DIM:
+    if D > MAX_DIM and labels is None:
         raise ValueError(
             f"backend='multiscale' clusters the points on a grid and supports D <= {MAX_DIM}, "
-            f"got D={D}; use backend='online' (O(N + M) memory) instead."
+            f"got D={D}; give your own clusters (cluster_labels=, e.g. from K-means) or use "
+            "backend='online' (O(N + M) memory) instead."
+        )
+    if labels is None and cluster_scale is not None and not cluster_scale > 0:
+        raise ValueError(
+            f"cluster_scale must be positive to cut the points into grid cells, got {cluster_scale!r} "
+            "(0 is accepted with cluster_labels, where it only places the jump to the points)."
         )
     if cost.custom and cost.function is None:
         raise ValueError(
@@ -201,7 +258,9 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
     eps_list = epsilon_schedule(p, diameter, blur, scaling)
     eps = eps_list[-1]
     rho = None if reach is None else reach**p
-    if cluster_scale is None:
+    if cluster_scale is None and labels is not None:  # GeomLoss's default jump
+        scale = geomloss_cluster_scale(diameter, D)
+    elif cluster_scale is None:
         scale = default_cluster_scale(diameter, D, blur, max(N, M))
     else:
         scale = float(cluster_scale)
@@ -213,21 +272,21 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
             measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost,
             selection.plugin, scale, xp=xp, labels=None if labels is None else (labels[0][k, ...], labels[1][k, ...]),
         )
-        items.append((problem, *solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B))))
-    values = [sinkhorn_cost(eps, rho, it[0].a, it[0].b, it[1], debias=debias, xp=xp) for it in items]
+        items.append((problem, solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B))))
+    values = [sinkhorn_cost(eps, rho, problem.a, problem.b, sol.pot, debias=debias, xp=xp) for problem, sol in items]
     value = xp.concat(values, axis=0)
 
     def unsorted(name):
         parts = []
-        for problem, pot, *_ in items:
-            v = getattr(pot, name)
+        for problem, sol in items:
+            v = getattr(sol.pot, name)
             if v is None:
                 return None
             perm = problem.cx.perm if name in ("f_ba", "f_aa") else problem.cy.perm
             parts.append(xp.take(v[0, ...], _inverse(perm, xp), axis=0)[None, :])
         return measures.unbatch(xp.concat(parts, axis=0))
 
-    change = max(it[3] for it in items)
+    change = max(sol.change for _, sol in items)
     state = _MultiscaleState(measures, items, eps, rho, debias)
     return MultiscaleResult(
         value=measures.unbatch(value),
@@ -246,9 +305,9 @@ class _MultiscaleState:
     def kept_fraction(self) -> float:
         """The fraction of the ``N x M`` pairs of OT(a, b) that the fine iterations reduce over."""
         kept = total = 0
-        for problem, *_rest, keeps in self.items:
-            sparsity = BlockSparsity(problem.cx.ranges, problem.cy.ranges, keeps[0])
-            kept += sparsity.kept_pairs
+        for problem, sol in self.items:
+            if sol.keeps is not None:  # else: no step on the points but the extrapolation
+                kept += BlockSparsity(problem.cx.ranges, problem.cy.ranges, sol.keeps[0]).kept_pairs
             total += problem.x.shape[1] * problem.y.shape[1]
         return kept / total
 
@@ -263,8 +322,15 @@ class MultiscaleResult(SinkhornResult):
 
     @property
     def kept_fraction(self) -> float:
-        """The share of the ``N x M`` pairs of ``OT(a, b)`` that the fine iterations visit."""
+        """The share of the ``N x M`` pairs of ``OT(a, b)`` that the fine iterations visit
+        (0 when the loop never left the clusters, see ``extrapolated``)."""
         return self._state.kept_fraction
+
+    @property
+    def extrapolated(self) -> bool:
+        """True when the loop stayed on the clusters (``cluster_scale <= blur``) and the final
+        step was the extrapolation from the clusters to the points (as GeomLoss)."""
+        return any(sol.keeps is None for _, sol in self._state.items)
 
     @property
     def plan_shape(self):
@@ -290,12 +356,10 @@ class MultiscaleResult(SinkhornResult):
         state = self._state
         m, xp = state.measures, state.measures.xp
         parts = []
-        for problem, pot, last, _change, geoms, _keeps in state.items:
-            log_a = safe_log(stop_gradient(problem.a), xp=xp)
-            log_b = safe_log(stop_gradient(problem.b), xp=xp)
+        for problem, sol in state.items:
             sorted_grads = envelope_gradients(
-                geoms, last, Potentials(*(None if v is None else stop_gradient(v) for v in pot)),
-                log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b),
+                sol.geoms, sol.last, Potentials(*(None if v is None else stop_gradient(v) for v in sol.pot)),
+                sol.log_a, sol.log_b, stop_gradient(problem.a), stop_gradient(problem.b),
                 state.eps, state.rho, debias=state.debias, xp=xp,
             )
             inv_x, inv_y = _inverse(problem.cx.perm, xp), _inverse(problem.cy.perm, xp)
@@ -317,3 +381,4 @@ def _item_progress(progress, k, B):
 
 def _inverse(perm, xp):
     return xp.argsort(perm)
+

@@ -50,16 +50,24 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> tu
     """Temperatures ``diameter**p, diameter**p, (diameter * scaling)**p, ..., blur**p``.
 
     Same list as GeomLoss (``diameter**p`` appears twice: once to initialise, once in the
-    loop). A ``diameter`` below ``blur`` gives just ``(blur**p, blur**p)``.
+    loop; a ``blur`` above ``diameter`` gives ``(diameter**p, blur**p)``), except that a
+    number of steps within ``1e-9`` of an integer is rounded to it: GeomLoss's
+    ``np.arange`` lets rounding errors decide there, so that a relative change of ``1e-15``
+    in ``blur`` (e.g. ``blur = diameter``) could add a temperature.
 
     Examples
     --------
     >>> [round(e, 4) for e in epsilon_schedule(2, 1.0, 0.25, 0.5)]
     [1.0, 1.0, 0.25, 0.0625]
+    >>> epsilon_schedule(2, 1.0, 2.0, 0.5)  # blur > diameter: GeomLoss's two temperatures
+    (1.0, 4.0)
     """
-    diameter = max(diameter, blur)
+    if not diameter > 0:  # every point at one place: nothing to anneal
+        diameter = blur
     start, stop, step = p * math.log(diameter), p * math.log(blur), p * math.log(scaling)
-    count = max(0, math.ceil((stop - start) / step))
+    steps = (stop - start) / step
+    nearest = round(steps)
+    count = max(0, nearest if abs(steps - nearest) < 1e-9 else math.ceil(steps))
     return (diameter**p, *(math.exp(start + i * step) for i in range(count)), blur**p)
 
 

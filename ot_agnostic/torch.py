@@ -105,7 +105,8 @@ class SamplesLoss(torch.nn.Module):
         ``1/2 (<a, F> + <b, G>)`` for hausdorff and the kernel losses, and ``<a, F> + <b, G>``
         for balanced sinkhorn with unit masses.
         As in GeomLoss 0.3.1, ``F`` and ``G`` have shape ``(1, N)`` and ``(1, M)`` for unbatched
-        inputs, and ``(B, N)`` and ``(B, M)`` for batched inputs.
+        inputs (``(N,)`` and ``(M,)`` when multiscale Sinkhorn ran), and ``(B, N)`` and
+        ``(B, M)`` for batched inputs.
     verbose : log what ran (see the module notes) on the ``"ot_agnostic"`` logger.
     backend : "auto", "tensorized", "online" or "multiscale" (sinkhorn, D <= 3), as in
         GeomLoss; "online" runs KeOps when it works and the chunked pure Array API path
@@ -174,8 +175,8 @@ class SamplesLoss(torch.nn.Module):
                 f"backend='multiscale' runs loss='sinkhorn' only, not loss={loss!r}; use "
                 "backend='online' (O(N + M) memory) or 'auto'."
             )
-        truncate = check_positive(truncate, "truncate")
-        cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True)
+        truncate = check_positive(truncate, "truncate", allow_none=True)
+        cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True, allow_zero=True)
         if loss != "energy":
             blur = check_positive(blur, "blur")
         if loss in ("sinkhorn", "hausdorff"):
@@ -219,8 +220,10 @@ class SamplesLoss(torch.nn.Module):
                 f"not of loss={self.loss!r}: call L(a, x, b, y)."
             )
         if self.potentials:
-            F, G = self._potentials(x, y, a, b, labels)
-            if x.ndim == 2:  # GeomLoss 0.3.1 returns (1, N) and (1, M) for unbatched inputs
+            F, G, multiscale = self._potentials(x, y, a, b, labels)
+            if x.ndim == 2 and not multiscale:
+                # GeomLoss 0.3.1 returns (1, N) and (1, M) for unbatched inputs, except from
+                # its multiscale backend, which returns (N,) and (M,)
                 F, G = F[None, :], G[None, :]
             return F, G
         return self._value(x, y, a, b, labels)
@@ -253,17 +256,21 @@ class SamplesLoss(torch.nn.Module):
         return res
 
     def _potentials(self, x, y, a, b, labels=None):
+        """``(F, G, multiscale)``: the potentials, and whether multiscale Sinkhorn ran."""
         if self.loss == "sinkhorn":
             res = self._sinkhorn(x, y, a, b, labels)
+            multiscale = res.backend.endswith("/multiscale")
             if self.debias:  # Feydy's thesis, Eq. (3.209); GeomLoss returns it for reach too
-                return res.f - res.f_aa, res.g - res.g_bb
-            return res.f, res.g
+                return res.f - res.f_aa, res.g - res.g_bb, multiscale
+            return res.f, res.g, multiscale
         if self.loss == "hausdorff":
-            return _hausdorff_potentials(x, y, a, b, p=self.p, blur=self.blur, backend=self.backend, cost=self.cost)
-        if self.kernel is not None:
-            return _custom_kernel(self.kernel, x, y, a, b, blur=self.blur, backend=self.backend)[1:]
-        kernel = Kernel(self.loss, 1.0 if self.loss == "energy" else self.blur)
-        return _kernel_potentials(kernel, x, y, a, b, backend=self.backend)
+            F, G = _hausdorff_potentials(x, y, a, b, p=self.p, blur=self.blur, backend=self.backend, cost=self.cost)
+        elif self.kernel is not None:
+            F, G = _custom_kernel(self.kernel, x, y, a, b, blur=self.blur, backend=self.backend)[1:]
+        else:
+            kernel = Kernel(self.loss, 1.0 if self.loss == "energy" else self.blur)
+            F, G = _kernel_potentials(kernel, x, y, a, b, backend=self.backend)
+        return F, G, False
 
 
 def _parse_args(args):
@@ -309,7 +316,9 @@ def _report(res) -> None:
         f"SamplesLoss: {res.backend}, {res.n_iter} eps-scaling steps down to eps={res.eps:.3g}, "
         f"last change of the potentials {res.max_change:.3g}"
     )
-    if hasattr(res, "kept_fraction"):
+    if hasattr(res, "kept_fraction") and res.extrapolated:
+        message += "; multiscale: the loop stayed on the clusters, extrapolated to the points at the end"
+    elif hasattr(res, "kept_fraction"):
         message += f"; multiscale: kept {100 * res.kept_fraction:.1f}% of the point pairs of OT(a, b)"
     logger.info(message)
 

@@ -151,9 +151,10 @@ def test_eps_schedule_is_geometric_from_diameter_to_blur(p, scaling, blur):
 
 
 def test_eps_schedule_when_blur_exceeds_the_diameter():
+    """GeomLoss's schedule: initialise at diameter**p, then one loop step at blur**p."""
     x, y, _, _ = problem()
     result = ota.sinkhorn(x, y, p=2, blur=3.0, diameter=1.0)
-    assert result.eps_schedule == pytest.approx((9.0, 9.0))
+    assert result.eps_schedule == pytest.approx((1.0, 9.0))
     assert result.n_iter == 2
 
 

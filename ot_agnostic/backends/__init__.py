@@ -70,7 +70,7 @@ def parse_backend(value) -> tuple[PluginId | None, Method]:
     return (PluginId(plugin_part) if slash else None), method
 
 
-def select_backend(xp, x, backend, shape, cost=None) -> Selection:
+def select_backend(xp, x, backend, shape, cost=None, *, labelled=False) -> Selection:
     """Pick the plugin for arrays like ``x`` (namespace ``xp``) and the method for ``backend``.
 
     ``shape`` is ``(B, N, M, D)``; it lets ``"auto"`` choose between dense and online. A
@@ -79,13 +79,15 @@ def select_backend(xp, x, backend, shape, cost=None) -> Selection:
     A plugin named explicitly runs the problem or raises why it cannot: no fallback.
     ``cost`` (default: the built-in ``|x - y|^p / p``) narrows the choice to the plugins
     that run it: a custom cost function runs on the pure Array API plugin, a KeOps formula
-    on the KeOps plugin.
+    on the KeOps plugin. ``labelled``: multiscale clusters come from the user's labels, not
+    from a grid, so any dimension works.
     """
     plugin_id, method = parse_backend(backend)
-    if method is Method.MULTISCALE and shape[3] > MULTISCALE_MAX_DIM:
+    if method is Method.MULTISCALE and shape[3] > MULTISCALE_MAX_DIM and not labelled:
         raise ValueError(
             f"backend='multiscale' clusters the points on a grid and supports D <= "
-            f"{MULTISCALE_MAX_DIM}, got D={shape[3]}; use backend='online' (O(N + M) memory)."
+            f"{MULTISCALE_MAX_DIM}, got D={shape[3]}; use backend='online' (O(N + M) memory), or "
+            "give your own clusters (cluster_labels=, e.g. from K-means)."
         )
     if plugin_id is not None:
         return _select_explicit(xp, x, plugin_id, method, shape, cost)
