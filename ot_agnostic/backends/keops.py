@@ -23,6 +23,14 @@ cache folder, so later processes load them in milliseconds. The folder is
 (``keopscore.config`` reads it with ``os.getenv``), else ``~/.cache/keops<version>``.
 Set ``PYKEOPS_VERBOSE=0`` to silence KeOps' compilation messages.
 
+Threads and single points
+-------------------------
+pykeops is not thread-safe (a call stores its pointers on an object shared by every call of
+the same compiled formula): every KeOps reduction holds the re-entrant lock
+:data:`ot_agnostic.kernels.keops_torch.LOCK`, so concurrent calls from several threads give
+the single-threaded values (their reductions run one at a time). ``N = 1`` and ``M = 1``
+run the formulas of any other size.
+
 Examples
 --------
 >>> import torch, ot_agnostic as ota                              # doctest: +SKIP

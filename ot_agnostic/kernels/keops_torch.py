@@ -34,6 +34,7 @@ collects doctests on a machine without them.
 from __future__ import annotations
 
 import functools
+import threading
 
 __all__ = [
     "KERNELS", "formula_softmax_weighted_sum", "formula_softmin", "formula_softmin_grad",
@@ -50,12 +51,49 @@ KERNELS = ("energy", "gaussian", "laplacian")
 # ----------------------------------------------------------------------------------------
 
 
+#: Held around every KeOps reduction. pykeops keeps one shared object per compiled formula
+#: and a call stores its argument, output and shape pointers on that object before it
+#: launches the kernel (``LoadKeOps.genred``): two threads running the same formula at once
+#: can swap pointers, so that one writes into the other's output and leaves its own
+#: uninitialised (wrong values, no error). Reentrant: our reductions take it and pykeops'
+#: reductions, which :func:`_guard_pykeops` makes take it too, run inside them. It is never
+#: held while autograd runs a backward (which, for CUDA tensors, runs on another thread).
+LOCK = threading.RLock()
+
+
 @functools.cache
 def _deps():
     import torch
     from pykeops.torch import LazyTensor
 
+    _guard_pykeops()
     return torch, LazyTensor
+
+
+def _guard_pykeops() -> None:
+    """Make every pykeops torch reduction hold :data:`LOCK`, also those that pykeops' own
+    autograd runs in a backward pass (``softmax_weighted_sum`` and the formula costs are
+    differentiated by pykeops), and the compilation of a new formula. It wraps
+    ``GenredAutograd_base._forward``, the one function through which pykeops (2.x) runs a
+    reduction; if a later pykeops has no such function, only the reductions called from this
+    module are locked."""
+    try:
+        from pykeops.torch.generic.generic_red import GenredAutograd_base as base
+    except ImportError:  # pragma: no cover - another pykeops layout
+        return
+    with LOCK:  # two threads' first calls: wrap once
+        forward = base.__dict__.get("_forward")
+        if not isinstance(forward, staticmethod) or getattr(forward.__func__, "_ot_agnostic_lock", False):
+            return
+        forward = forward.__func__
+
+        @functools.wraps(forward)
+        def locked_forward(*args, **kwargs):
+            with LOCK:
+                return forward(*args, **kwargs)
+
+        locked_forward._ot_agnostic_lock = True
+        base._forward = staticmethod(locked_forward)
 
 
 def require() -> None:
@@ -68,16 +106,44 @@ def _lazy(t):
     return _deps()[1](t)
 
 
+def _var(t, axis):
+    """A ``(B, n, K)`` tensor as a batched ``i``- (``axis = 0``) or ``j``-indexed (``axis = 1``)
+    LazyTensor, whatever ``n``.
+
+    pykeops infers the kind of a variable from its shape, and reads ``(B, 1, 1, K)`` as a
+    *parameter*: a single point (``N = 1`` or ``M = 1``) would silently change the formula
+    (and crash on the output's shape). It cannot be told the axis in batch mode, so a size-1
+    axis is built on a 2-point stand-in (a broadcast view of ``t``) whose data is then
+    swapped for ``t``: the formula text is that of any other ``n``, so is its compiled binary.
+    """
+    t = t.contiguous()
+    view = (lambda u: u[:, :, None, :]) if axis == 0 else (lambda u: u[:, None, :, :])
+    if t.shape[1] != 1:
+        return _lazy(view(t))
+    B, _, K = t.shape
+    lazy = _lazy(view(t.expand(B, 2, K)))
+    (stand_in,) = lazy.variables
+    data = t.view(B, 1, K)  # a new object: KeOps tells variables apart by id()
+    tag = f"Var({id(stand_in)},{K},{axis})"
+    if lazy.formula != tag:  # pragma: no cover - a pykeops whose LazyTensor is built otherwise
+        raise RuntimeError(f"unexpected pykeops LazyTensor {lazy.formula!r} for a single point")
+    lazy.variables = (data,)
+    lazy.formula = f"Var({id(data)},{K},{axis})"
+    if axis == 0:
+        lazy.ni = 1
+    else:
+        lazy.nj = 1
+    return lazy
+
+
 def _rows(t):
     """A ``(B, N)`` or ``(B, N, D)`` tensor as an ``i``-indexed LazyTensor."""
-    t = t if t.dim() == 3 else t[:, :, None]
-    return _lazy(t.contiguous()[:, :, None, :])
+    return _var(t if t.dim() == 3 else t[:, :, None], 0)
 
 
 def _cols(t):
     """A ``(B, M)`` or ``(B, M, D)`` tensor as a ``j``-indexed LazyTensor."""
-    t = t if t.dim() == 3 else t[:, :, None]
-    return _lazy(t.contiguous()[:, None, :, :])
+    return _var(t if t.dim() == 3 else t[:, :, None], 1)
 
 
 def _param(value, like):
@@ -99,14 +165,18 @@ def _cost(x, y, p):
 def _lse(x, y, h, eps, p):
     """``log sum_j exp(h_j - C(x_i, y_j) / eps)``, a ``(B, N)`` tensor."""
     cost, _ = _cost(x, y, p)
-    return (_cols(h) - cost * _param(1.0 / eps, x)).logsumexp(dim=2)[:, :, 0]
+    lazy = _cols(h) - cost * _param(1.0 / eps, x)
+    with LOCK:
+        return lazy.logsumexp(dim=2)[:, :, 0]
 
 
 def _weighted_cost_grads(x, y, a, h, u, eps, p):
     """``sum_j exp(a_i + h_j - C_ij / eps) u_j [1, grad_x C(x_i, y_j)]``, a ``(B, N, 1 + D)`` tensor."""
     cost, grad = _cost(x, y, p)
     w = (_rows(a) + _cols(h) - cost * _param(1.0 / eps, x)).exp() * _cols(u)
-    return w.concat(w * grad).sum(dim=2)
+    lazy = w.concat(w * grad)
+    with LOCK:
+        return lazy.sum(dim=2)
 
 
 def _kernel(x, y, name, blur):
@@ -127,14 +197,18 @@ def _kernel(x, y, name, blur):
 
 def _kernel_sum(x, y, v, name, blur):
     k, _ = _kernel(x, y, name, blur)
-    return (k * _cols(v)).sum(dim=2)[:, :, 0]
+    lazy = k * _cols(v)
+    with LOCK:
+        return lazy.sum(dim=2)[:, :, 0]
 
 
 def _kernel_values_and_grads(x, y, v, name, blur):
     """``sum_j v_j [k(x_i, y_j), grad_x k(x_i, y_j)]``, a ``(B, N, 1 + D)`` tensor."""
     k, grad = _kernel(x, y, name, blur)
     vj = _cols(v)
-    return (k * vj).concat(grad * vj).sum(dim=2)
+    lazy = (k * vj).concat(grad * vj)
+    with LOCK:
+        return lazy.sum(dim=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,15 +217,16 @@ def _kernel_values_and_grads(x, y, v, name, blur):
 
 
 def _i(t):
-    """A ``(N,)`` or ``(N, D)`` tensor as an ``i``-indexed 2-D LazyTensor."""
+    """A ``(N,)`` or ``(N, D)`` tensor as an ``i``-indexed 2-D LazyTensor (axis given: a
+    ``(1, 1, D)`` tensor would be read as a parameter)."""
     t = t if t.dim() == 2 else t[:, None]
-    return _lazy(t.contiguous()[:, None, :])
+    return _deps()[1](t.contiguous()[:, :], axis=0)  # a new view: KeOps tells variables apart by id()
 
 
 def _j(t):
     """A ``(M,)`` or ``(M, D)`` tensor as a ``j``-indexed 2-D LazyTensor."""
     t = t if t.dim() == 2 else t[:, None]
-    return _lazy(t.contiguous()[None, :, :])
+    return _deps()[1](t.contiguous(), axis=1)  # pykeops makes a new view for axis=1
 
 
 def _cost2(x, y, p):
@@ -164,13 +239,17 @@ def _cost2(x, y, p):
 
 def _lse_ranges(x, y, h, eps, p, ranges):
     cost, _ = _cost2(x, y, p)
-    return (_j(h) - cost * _param(1.0 / eps, x)).logsumexp(dim=1, ranges=ranges)[:, 0]
+    lazy = _j(h) - cost * _param(1.0 / eps, x)
+    with LOCK:
+        return lazy.logsumexp(dim=1, ranges=ranges)[:, 0]
 
 
 def _weighted_cost_grads_ranges(x, y, a, h, u, eps, p, ranges):
     cost, grad = _cost2(x, y, p)
     w = (_i(a) + _j(h) - cost * _param(1.0 / eps, x)).exp() * _j(u)
-    return w.concat(w * grad).sum(dim=1, ranges=ranges)
+    lazy = w.concat(w * grad)
+    with LOCK:
+        return lazy.sum(dim=1, ranges=ranges)
 
 
 def keops_ranges(row_ranges, col_ptr, col_ranges, t_row_ranges, t_col_ptr, t_col_ranges, device):
@@ -310,7 +389,9 @@ def softmin_grad(x, y, h, eps: float, p: int):
 def softmax_weighted_sum(x, y, h, v, eps: float, p: int):
     """``sum_j w_ij v_j`` for ``v (B, M, K)``, ``w_ij = softmax_j(h_j - C_ij / eps)``: ``(B, N, K)``."""
     cost, _ = _cost(x, y, int(p))
-    return (_cols(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_cols(v), dim=2)
+    lazy, vj = _cols(h) - cost * _param(1.0 / float(eps), x), _cols(v)
+    with LOCK:
+        return lazy.sumsoftmaxweight(vj, dim=2)
 
 
 def softmin_ranges(x, y, h, eps: float, p: int, ranges):
@@ -330,7 +411,9 @@ def softmin_grad_ranges(x, y, h, eps: float, p: int, ranges):
 def softmax_weighted_sum_ranges(x, y, h, v, eps: float, p: int, ranges):
     """:func:`softmax_weighted_sum` over the kept pairs, unbatched: ``(N, K)``."""
     cost, _ = _cost2(x, y, int(p))
-    return (_j(h) - cost * _param(1.0 / float(eps), x)).sumsoftmaxweight(_j(v), dim=1, ranges=ranges)
+    lazy, vj = _j(h) - cost * _param(1.0 / float(eps), x), _j(v)
+    with LOCK:
+        return lazy.sumsoftmaxweight(vj, dim=1, ranges=ranges)
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,7 +440,8 @@ def _formula_call(formula, x, y, h, eps, *extra, ranges=None):
     routine = _formula_routine(formula, int(x.shape[-1]), K)
     rate = torch.tensor([1.0 / float(eps)], dtype=x.dtype, device=x.device)
     args = (x.contiguous(), y.contiguous(), h[..., None].contiguous(), rate, *(e.contiguous() for e in extra))
-    return routine(*args) if ranges is None else routine(*args, ranges=ranges)
+    with LOCK:
+        return routine(*args) if ranges is None else routine(*args, ranges=ranges)
 
 
 def formula_softmin(x, y, h, eps: float, formula: str, ranges=None):
