@@ -4,20 +4,27 @@ Each pixel of ``china.jpg`` is a point of the RGB cube ``[0, 1]^3``; ``OTTransfo
 the entropic optimal transport map from a random sample of its colours onto a sample of the
 colours of ``flower.jpg``, then maps every pixel of the photograph, out of sample, to the
 weighted mean ``T(x) = sum_j w_j(x) y_j`` of the flower's colours. The result keeps the
-picture and takes the palette. The figure (before, palette, after) goes to a PNG file.
+picture and takes the palette. The figure (before, palette, after) goes to a PNG file:
+``examples/output/colour_transfer.png`` (the folder is created if missing), or the path
+given on the command line.
 
-Run: ``python examples/colour_transfer.py [colour_transfer.png]`` (needs Pillow and
-matplotlib; about 10 s on two CPU cores).
+Run: ``python examples/colour_transfer.py [PATH.png]`` (needs the ``examples`` extra:
+``pip install -e ".[examples]"`` for matplotlib, scikit-learn and Pillow; about 10 s on two
+CPU cores).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_sample_image
 
 from ot_agnostic import OTTransformer
+
+#: Where the examples write their figures (ignored by git), whatever the current directory.
+OUTPUT = Path(__file__).resolve().parent / "output"
 
 
 def pixels(name):
@@ -34,7 +41,7 @@ def recolour(source, target, *, fit_pixels=4000, blur=0.05, seed=0):
     return np.clip(model.transform(source), 0.0, 1.0)
 
 
-def main(path="colour_transfer.png"):
+def main(path=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +55,8 @@ def main(path="colour_transfer.png"):
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
+    path = Path(path) if path is not None else OUTPUT / "colour_transfer.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     print(f"saved {path}")
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import array_api_compat
+
+from ._jax import is_jax_tracer
 
 
 def array_namespace(*arrays):
@@ -41,14 +44,40 @@ def device_of(x):
 
 
 def check_same_device(*arrays) -> None:
-    """Raise ``ValueError`` if the arrays do not all live on one device."""
-    present = [arr for arr in arrays if arr is not None]
+    """Raise ``ValueError`` if the arrays do not all live on one device.
+
+    JAX tracers report no device: those inside an eager ``jax.grad`` are compared through
+    their values; abstract ones (under ``jax.jit``) are skipped (JAX places them itself).
+    """
+    present = [stop_gradient(arr) for arr in arrays if arr is not None]
+    present = [arr for arr in present if not is_jax_tracer(arr)]
     devices = [device_of(arr) for arr in present]
     if any(dev != devices[0] for dev in devices[1:]):
         raise ValueError(
             f"all arrays must be on the same device, got {sorted({str(d) for d in devices})}. "
             "Move them to one device first (e.g. tensor.to(device))."
         )
+
+
+def device_memory(x) -> int | None:
+    """Total memory in bytes of the device that holds ``x`` (host RAM for CPU arrays), or
+    None when it cannot be told. Never imports a framework that ``x`` does not come from."""
+    import os
+
+    if array_api_compat.is_torch_array(x) and x.device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(x.device).total_memory)
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return int(cupy.cuda.Device(x.device.id).mem_info[1])
+    if array_api_compat.is_torch_array(x) and x.device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def to_host(x):
@@ -68,9 +97,15 @@ def requires_grad(x) -> bool:
 
 
 def stop_gradient(x):
-    """``x`` cut from the autograd graph (a no-op for libraries without autograd)."""
+    """``x`` cut from the autograd graph (a no-op for libraries without autograd).
+
+    A JAX tracer gives ``jax.lax.stop_gradient(x)``: its concrete value inside an eager
+    ``jax.grad`` (still a tracer under ``jax.jit``).
+    """
     if array_api_compat.is_torch_array(x):
         return x.detach()
+    if is_jax_tracer(x):
+        return sys.modules["jax"].lax.stop_gradient(x)
     return x
 
 

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._array_api import array_namespace, check_same_device, device_of, first_order_only
+from ._array_api import array_namespace, check_same_device, device_of, first_order_only, stop_gradient
+from ._jax import check_concrete
 
 #: Relative tolerance on ``|m(a) - m(b)|`` for balanced OT, by compute dtype width (in bytes);
 #: low-precision weights (float16) get ``4 * finfo.eps`` of their own dtype.
@@ -119,9 +120,12 @@ def _weights(xp, w, points, name: str, pname: str, dtype, batched: bool):
 def validate_measures(x, y, a=None, b=None, *, balanced: bool = False) -> Measures:
     """Check and normalise ``(x, y, a, b)``; see the module docstring for the rules.
 
-    ``balanced=True`` additionally requires ``m(a) == m(b)`` (up to rounding).
+    ``balanced=True`` additionally requires ``m(a) == m(b)`` (up to rounding). JAX tracers
+    are checked through their values (eager ``jax.grad``); abstract ones (``jax.jit``) are
+    refused with a clear error, since these checks and the solvers need values.
     """
     xp = array_namespace(x, y, a, b)
+    check_concrete(x, y, a, b)
     check_same_device(x, y, a, b)
     _check_points(x, "x")
     _check_points(y, "y")
@@ -152,6 +156,35 @@ def validate_measures(x, y, a=None, b=None, *, balanced: bool = False) -> Measur
         _check_balanced(xp, a3, b3, max(BALANCE_RTOL[8 if a3.dtype == xp.float64 else 4], 4 * resolution))
     x3, y3, a3, b3 = first_order_only(x3, y3, a3, b3)
     return Measures(xp=xp, x=x3, y=y3, a=a3, b=b3, batched=batched, out_dtype=out)
+
+
+def check_extent(measures: Measures, p: int, blur: float | None = None) -> float:
+    """The diameter of the points' bounding box, after checking that the built-in costs and
+    ``C / eps`` stay in the floating-point range of the compute dtype.
+
+    Squared distances up to ``diameter**2`` are formed (p=1 takes their square root), and
+    the softmins scale ``C`` by ``1 / eps = blur**-p``: both must stay 16 times below the
+    dtype's largest number, otherwise the result would be ``inf`` or NaN.
+    """
+    from .sinkhorn import max_diameter
+
+    xp = measures.xp
+    diameter = max_diameter(stop_gradient(measures.x), stop_gradient(measures.y), xp=xp)
+    largest = float(xp.finfo(measures.x.dtype).max) / 16
+    dtype = str(measures.x.dtype).rsplit(".", 1)[-1]
+    if not diameter < math.sqrt(largest):
+        raise ValueError(
+            f"the points span a diameter of {diameter:.3g}: squared distances (up to "
+            f"{diameter:.3g}**2) overflow {dtype}. Rescale the points (divide x, y, blur and reach by one length "
+            f"L: S_eps then scales by L**p) or compute in float64."
+        )
+    if blur is not None and diameter > 0 and p * math.log(diameter / blur) - math.log(p) >= math.log(largest):
+        raise ValueError(
+            f"blur={blur:.3g} is too small for points that span {diameter:.3g}: the costs over "
+            f"eps = blur**{p} reach ({diameter:.3g} / {blur:.3g})**{p} / {p} and overflow {dtype}. "
+            f"Use a larger blur, rescale the points, or compute in float64."
+        )
+    return diameter
 
 
 def _check_balanced(xp, a, b, rtol) -> None:

@@ -130,10 +130,11 @@ def _fail(message) -> int:
 def _load(path: str, weights_column, dtype: str):
     """Points ``(N, D)`` and weights ``(N,)`` or None, in ``dtype``, read from ``path``."""
     points, weights = read_points(path, weights_column)
-    points = points.astype(dtype)
-    if not np.isfinite(points).all():
-        raise PointCloudError(path, f"values overflow {dtype}; use --dtype float64")
-    return points, None if weights is None else weights.astype(dtype)
+    largest = np.finfo(dtype).max
+    for name, values in (("coordinates", points), ("weights", weights)):
+        if values is not None and np.abs(values).max(initial=0.0) > largest:
+            raise PointCloudError(path, f"{name} of size up to {np.abs(values).max():.3g} overflow {dtype}; use --dtype float64")
+    return points.astype(dtype), None if weights is None else weights.astype(dtype)
 
 
 def _show_progress(choice, pairs: int) -> bool:

@@ -8,10 +8,16 @@ library, device and dtype. Points are ``(N, D)``/``(M, D)``, weights ``(N,)``/``
 
 from __future__ import annotations
 
-from ._array_api import safe_log
+import contextlib
+import math
+import warnings
+
+from ._array_api import safe_log, stop_gradient
+from ._jax import any_tracer, traced_sinkhorn
 from ._progress import progress_reporter
 from ._validation import (
-    check_cluster_labels, check_p, check_positive, check_power, check_scaling, validate_measures,
+    check_cluster_labels, check_extent, check_p, check_positive, check_power, check_scaling,
+    validate_measures,
 )
 from .backends import Method, Selection, parse_backend, select_backend
 from .multiscale import solve_multiscale
@@ -103,6 +109,9 @@ def sinkhorn(
     >>> res.f.shape, res.g.shape, res.plan().shape
     ((100,), (80,), (100, 80))
     """
+    if any_tracer(x, y, a, b):  # inside jax.grad: one custom_vjp with the envelope gradients
+        options = {k: v for k, v in locals().items() if k not in ("x", "y", "a", "b")}
+        return traced_sinkhorn(lambda *arrays: sinkhorn(*arrays, **options), x, y, a, b)
     p = check_p(p)
     blur = check_positive(blur, "blur")
     reach = check_positive(reach, "reach", allow_none=True)
@@ -113,7 +122,11 @@ def sinkhorn(
     truncate = check_positive(truncate, "truncate", allow_none=True)
     cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True, allow_zero=True)
     cost = make_cost(p, cost)
+    check_power(diameter, p, "diameter", "diameter**p")
     measures = validate_measures(x, y, a, b, balanced=reach is None)
+    if not cost.custom:
+        extent = check_extent(measures, p, blur)
+        diameter = extent if diameter is None else diameter
     labels = None
     if cluster_labels is not None:
         labels = check_cluster_labels(cluster_labels, measures)
@@ -220,18 +233,67 @@ def _pairwise_setup(x, y, a, b, backend, cost=None):
     return measures, selection
 
 
+def kernel_frame(m, kernel: Kernel):
+    """``(x, y, kernel, factor)``: the points in a frame where the kernel norm is safe to
+    compute in their dtype; the norm in the original frame is ``factor`` times the new one.
+
+    The Gaussian and Laplacian kernels depend on ``(x - y) / blur`` only: the points are
+    centred and divided by ``blur`` and the kernel gets ``blur = 1``, so that no
+    ``1 / blur**2`` ever overflows (``blur = 1e-200``, or ``1e-20`` in float32); distances
+    that overflow there give kernel values of 0, as they should. The energy kernel
+    ``-|x - y|`` is 1-homogeneous: points whose squared distances would overflow (float32
+    coordinates of 1e20) are divided by a power of two ``L`` above their extent, and
+    ``factor = L``.
+    """
+    xp = m.xp
+    lo = xp.minimum(xp.min(m.x, axis=(0, 1)), xp.min(m.y, axis=(0, 1)))
+    hi = xp.maximum(xp.max(m.x, axis=(0, 1)), xp.max(m.y, axis=(0, 1)))
+    centre = stop_gradient(lo / 2 + hi / 2)
+    span = max(float(stop_gradient(hi[d])) - float(stop_gradient(lo[d])) for d in range(hi.shape[0]))
+    largest = float(xp.finfo(m.x.dtype).max)
+    if kernel.name == "energy":
+        if span * span * m.x.shape[-1] < largest / 16:
+            return m.x, m.y, kernel, 1.0
+        length = 2.0 ** math.ceil(math.log2(span))
+        return (m.x - centre) / length, (m.y - centre) / length, kernel, length
+    if not span / kernel.blur < largest / 4:
+        raise ValueError(
+            f"blur={kernel.blur:.3g} is too small for points that span {span:.3g}: their "
+            f"coordinates over blur overflow {str(m.x.dtype).rsplit('.', 1)[-1]}. Use a larger "
+            "blur, rescale the points, or compute in float64."
+        )
+    scale = 1.0 / kernel.blur
+    return (m.x - centre) * scale, (m.y - centre) * scale, Kernel(kernel.name, 1.0), 1.0
+
+
+@contextlib.contextmanager
+def _overflow_to_zero_kernels(m, px, py):
+    """Silence NumPy's overflow warnings where squared distances in the kernel frame may
+    overflow: those pairs get kernel values of exactly 0, which is right (see kernel_frame)."""
+    xp = m.xp
+    span = float(stop_gradient(xp.max(xp.abs(xp.concat([px, py], axis=1)))))
+    if 2 * span < float(xp.finfo(px.dtype).max) ** 0.5 / px.shape[-1]:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+        yield
+
+
 def _kernel_norm(kernel: Kernel, x, y, a, b, backend):
     m, sel = _pairwise_setup(x, y, a, b, backend)
     xp = m.xp
+    px, py, kernel, factor = kernel_frame(m, kernel)
 
     def k_sum(x1, x2, w):
         return sel.plugin.geometry(x1, x2, kernel.cost, sel.method, xp=xp).kernel_sum(kernel, w)
 
-    a_x, b_y, b_x = k_sum(m.x, m.x, m.a), k_sum(m.y, m.y, m.b), k_sum(m.x, m.y, m.b)
+    with _overflow_to_zero_kernels(m, px, py):
+        a_x, b_y, b_x = k_sum(px, px, m.a), k_sum(py, py, m.b), k_sum(px, py, m.b)
     value = (
         0.5 * xp.sum(m.a * a_x, axis=1) + 0.5 * xp.sum(m.b * b_y, axis=1) - xp.sum(m.a * b_x, axis=1)
     )
-    return m.unbatch(value)
+    return m.unbatch(value * factor if factor != 1.0 else value)
 
 
 def energy_distance(x, y, a=None, b=None, *, backend="auto"):
@@ -296,6 +358,8 @@ def hausdorff_divergence(x, y, a=None, b=None, *, p=2, blur=0.05, backend="auto"
     check_power(blur, p, "blur", "eps")
     cost = make_cost(p, cost)
     m, sel = _pairwise_setup(x, y, a, b, backend, cost)
+    if not cost.custom:
+        check_extent(m, p, blur)
     xp, eps = m.xp, blur**p
     log_a, log_b = safe_log(m.a, xp=xp), safe_log(m.b, xp=xp)
 

@@ -40,10 +40,14 @@ class Geometries(NamedTuple):
 
 
 def max_diameter(x, y, *, xp) -> float:
-    """Length of the diagonal of the bounding box of ``x`` and ``y`` (all batches together)."""
+    """Length of the diagonal of the bounding box of ``x`` and ``y`` (all batches together).
+
+    Computed in Python floats from the box's corners, so that it never overflows the
+    arrays' dtype (float32 points of size 1e20 have a diameter of 1e20, not inf).
+    """
     lo = xp.minimum(xp.min(x, axis=(0, 1)), xp.min(y, axis=(0, 1)))
     hi = xp.maximum(xp.max(x, axis=(0, 1)), xp.max(y, axis=(0, 1)))
-    return to_float(xp.sqrt(xp.sum((hi - lo) ** 2)))
+    return math.hypot(*(to_float(hi[d]) - to_float(lo[d]) for d in range(hi.shape[0])))
 
 
 def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> tuple[float, ...]:

@@ -47,7 +47,7 @@ from ._array_api import safe_log
 from ._validation import check_p, check_positive, check_power, check_scaling
 from .backends import Method, parse_backend
 from .costs import Kernel, make_cost
-from .divergences import _pairwise_setup
+from .divergences import _pairwise_setup, kernel_frame
 from .divergences import (
     energy_distance,
     gaussian_mmd,
@@ -357,10 +357,11 @@ def _geometry_factory(x, y, a, b, backend, cost=None):
 def _kernel_potentials(kernel: Kernel, x, y, a, b, *, backend):
     """``(K_xx a - K_xy b, K_yy b - K_yx a)``: GeomLoss's kernel "potentials" (``k * (a - b)``)."""
     m, geometry = _geometry_factory(x, y, a, b, backend)
-    xy = geometry(m.x, m.y, kernel.cost)
-    F = geometry(m.x, m.x, kernel.cost).kernel_sum(kernel, m.a) - xy.kernel_sum(kernel, m.b)
-    G = geometry(m.y, m.y, kernel.cost).kernel_sum(kernel, m.b) - xy.transpose().kernel_sum(kernel, m.a)
-    return m.unbatch(F), m.unbatch(G)
+    px, py, kernel, factor = kernel_frame(m, kernel)
+    xy = geometry(px, py, kernel.cost)
+    F = geometry(px, px, kernel.cost).kernel_sum(kernel, m.a) - xy.kernel_sum(kernel, m.b)
+    G = geometry(py, py, kernel.cost).kernel_sum(kernel, m.b) - xy.transpose().kernel_sum(kernel, m.a)
+    return m.unbatch(F * factor), m.unbatch(G * factor)
 
 
 def _hausdorff_potentials(x, y, a, b, *, p, blur, backend, cost=None):

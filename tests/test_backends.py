@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TOL, to_lib, to_numpy
+from tests.helpers import TOL, to_lib, to_numpy
 from scipy.special import logsumexp, softmax
 
 import ot_agnostic as ota
@@ -304,7 +304,7 @@ def test_geometry_contract(lib, dtype, geometry_kind, p, D):
     for start, stop in [(0, N_), (0, 1), (3, 8), (N_ - 1, N_)]:
         close(geom.cost_rows(start, stop), C[:, start:stop, :], scale)
     coincident = to_numpy(geom.cost_rows(0, 1))[:, 0, 0]
-    if D <= EXACT_DIFFERENCE_MAX_DIM:
+    if D <= EXACT_DIFFERENCE_MAX_DIM:  # exact by construction: x - x is 0
         assert np.all(coincident == 0.0)
     else:
         assert np.all((coincident >= 0.0) & (coincident <= cost_err))

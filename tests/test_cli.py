@@ -166,7 +166,7 @@ def test_ply_with_list_properties_and_faces_first(tmp_path):
     lines = [f"{x!r} {y!r} {' '.join(map(str, [i, *range(i)]))} {z!r}" for i, (x, y, z) in enumerate(points.tolist())]
     ascii_ply = header.format("ascii") + "3 0 1 2\n2 0 1\n" + "\n".join(lines) + "\n"
     (tmp_path / "ascii.ply").write_text(ascii_ply)
-    for name in ("big.ply", "ascii.ply"):
+    for name in ("big.ply", "ascii.ply"):  # exact: raw doubles, or repr() which round-trips
         np.testing.assert_array_equal(read_points(tmp_path / name)[0], points)
     (tmp_path / "cut.ply").write_bytes(header.format("binary_big_endian").encode() + body[:-4])
     with pytest.raises(PointCloudError, match="cut.ply: truncated: the data ends inside vertex 3"):

@@ -16,7 +16,7 @@ import pytest
 from scipy.special import xlogy
 
 import ot_agnostic as ota
-from conftest import TOL, to_lib, to_numpy
+from tests.helpers import TOL, to_lib, to_numpy
 from ot_agnostic.costs import Cost, CustomCost, make_cost
 
 

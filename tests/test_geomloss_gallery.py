@@ -61,7 +61,7 @@ def test_cluster_script_labels_in_four_dimensions(keops, N, K):
     std_x = ((x - c_x[lab_x, :]) ** 2).sum(1).mean().sqrt()
     std_y = ((y - c_y[lab_y, :]) ** 2).sum(1).mean().sqrt()
     scale = torch.maximum(std_x, std_y)
-    if N == K:
+    if N == K:  # exact: each centroid is its one point (a sum of one term over a count of 1)
         assert scale.item() == 0.0
     a = torch.ones(N, dtype=torch.float64) / N
     b = torch.ones(N, dtype=torch.float64) / N

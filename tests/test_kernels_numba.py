@@ -224,7 +224,7 @@ def test_identical_points(rng, dtype, p):
     # A single point on top of x: zero cost, zero gradient.
     first = x[:, :1].copy()
     one = run_grad(first, first, np.zeros((2, 1), dtype), eps, p)
-    assert np.all(one == 0)
+    assert np.all(one == 0)  # exact: x - x is 0 in any order of operations
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
@@ -277,7 +277,7 @@ def test_infinite_log_weights(rng, dtype):
     h[1] = -np.inf
     out = run_softmin(x, y, h, 0.1, 2)
     assert rel_err(out[:1], ref_softmin(x[:1], y[:1], h[:1], 0.1, 2)) < RTOL[dtype]
-    assert np.all(out[1] == np.inf)
+    assert np.all(out[1] == np.inf)  # exact: every term is exp(-inf) = 0
     grad = run_grad(x, y, h, 0.1, 2)
     assert np.all(grad[1] == 0)
     assert rel_err(grad[:1], ref_grad(x[:1], y[:1], h[:1], 0.1, 2)) < RTOL[dtype]
@@ -297,6 +297,7 @@ def test_non_contiguous_arrays(rng):
 
 def test_empty_sets(rng):
     x, y, h = make(rng, 1, 4, 6, 2, np.float64)
+    # Exact: an empty sum gives the +inf / 0 of the kernels' initial values.
     assert np.all(run_softmin(x, y[:, :0], h[:, :0], 0.1, 2) == np.inf)
     assert np.all(run_grad(x, y[:, :0], h[:, :0], 0.1, 2) == 0)
     assert run_softmin(x[:, :0], y, h, 0.1, 2).shape == (1, 0)

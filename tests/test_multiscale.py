@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ot_agnostic as ota
-from conftest import to_lib, to_numpy
+from tests.helpers import to_lib, to_numpy
 from ot_agnostic.backends._base import BlockSparsity
 from ot_agnostic.backends.array_api import BlockSparseGeometry, DenseGeometry
 from ot_agnostic.backends.numba_cuda import rows_per_block_sparsity

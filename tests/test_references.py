@@ -27,7 +27,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp, xlogy
 
 import ot_agnostic as oa
-from conftest import TOL, library_of, load_library, to_lib, to_numpy
+from tests.helpers import TOL, library_of, load_library, to_lib, to_numpy
 
 # --------------------------------------------------------------------------------------------
 # Helpers

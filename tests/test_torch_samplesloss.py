@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TOL
+from tests.helpers import TOL
 
 torch = pytest.importorskip("torch", reason="SamplesLoss needs torch")
 
@@ -398,7 +398,8 @@ def test_potential_shapes_are_geomloss_shapes(geomloss, loss):
 def test_column_weights_give_the_same_value():
     x, y, a, b = (torch.tensor(v) for v in make_data(11, True))
     layer = SamplesLoss()
-    assert layer(a[:, None], x, b[:, None], y).item() == layer(a, x, b, y).item()
+    # The same float64 computation after a reshape: rounding of reduction orders only.
+    assert layer(a[:, None], x, b[:, None], y).item() == pytest.approx(layer(a, x, b, y).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -422,8 +423,9 @@ def test_hausdorff_works():
     x, y, a, b = (torch.tensor(v) for v in make_data(13, True))
     for p in (1, 2):
         layer = SamplesLoss("hausdorff", p=p, blur=0.05)
+        # The same float64 computation through two entry points: reduction orders only.
         torch.testing.assert_close(
-            layer(a, x, b, y), oa.hausdorff_divergence(x, y, a, b, p=p, blur=0.05), rtol=0, atol=0
+            layer(a, x, b, y), oa.hausdorff_divergence(x, y, a, b, p=p, blur=0.05), rtol=1e-12, atol=1e-15
         )
         assert abs(layer(x, x).item()) <= 1e-15
         xg = x.clone().requires_grad_()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._array_api import device_memory
 from ._base import MULTISCALE_MAX_DIM, Geometry, Method, Plugin, PluginId
 from .array_api import ArrayAPIPlugin
 from .keops import KeOpsPlugin
@@ -71,6 +72,31 @@ def parse_backend(value) -> tuple[PluginId | None, Method]:
 
 
 def select_backend(xp, x, backend, shape, cost=None, *, labelled=False) -> Selection:
+    """Pick the plugin for arrays like ``x`` (namespace ``xp``) and the method for ``backend``;
+    see :func:`_select_backend`. A dense (``"tensorized"``) method whose ``(B, N, M)`` cost
+    matrix alone would not fit in the device's memory is refused up front."""
+    selection = _select_backend(xp, x, backend, shape, cost, labelled=labelled)
+    if selection.method is Method.TENSORIZED:
+        _check_dense_memory(x, shape)
+    return selection
+
+
+def _check_dense_memory(x, shape) -> None:
+    """Raise ``MemoryError`` when the largest dense matrix of a tensorized solve, ``B *
+    max(N, M)**2`` entries, exceeds the memory of ``x``'s device (a lower bound of the need)."""
+    B, N, M, _ = shape
+    needed = B * max(N, M) ** 2 * x.dtype.itemsize if hasattr(x.dtype, "itemsize") else B * max(N, M) ** 2 * 4
+    available = device_memory(x)
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"backend='tensorized' would build dense (B, N, M) = {(B, N, M)} cost matrices: at "
+            f"least {needed / 2**30:,.1f} GiB, above the {available / 2**30:,.1f} GiB of memory of "
+            "this device. Use backend='online' (O(N + M) memory) or 'multiscale' (D <= 3), or "
+            "backend='auto', which picks for you."
+        )
+
+
+def _select_backend(xp, x, backend, shape, cost=None, *, labelled=False) -> Selection:
     """Pick the plugin for arrays like ``x`` (namespace ``xp``) and the method for ``backend``.
 
     ``shape`` is ``(B, N, M, D)``; it lets ``"auto"`` choose between dense and online. A

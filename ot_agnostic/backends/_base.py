@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from enum import Enum
 from typing import Any, Protocol
 
@@ -111,10 +113,15 @@ def method_error(plugin_id: PluginId, method: Method, methods: tuple[Method, ...
 
 
 def log_fallback_once(warned: set, key, error: Exception, logger) -> None:
-    """Log (once per ``key``) that a plugin is unusable and the pure Array API path takes over."""
+    """Log (once per ``key``) that a plugin is unusable and the pure Array API path takes over.
+
+    An optional dependency that is simply not installed is the user's choice: INFO. One
+    that is installed but broken (fails to import or its self-test): WARNING.
+    """
     if key not in warned:
         warned.add(key)
-        logger.warning("%s Falling back to the pure Array API backend.", error)
+        level = logging.INFO if isinstance(error.__cause__, ModuleNotFoundError) else logging.WARNING
+        logger.log(level, "%s Falling back to the pure Array API backend.", error)
 
 
 class BlockSparsity:

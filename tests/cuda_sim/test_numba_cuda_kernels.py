@@ -180,7 +180,7 @@ def test_zero_weights_drop_out(rng, dtype):
     h[1] = -np.inf
     h[0, ::2] = -np.inf
     out = softmin(x, y, h, 0.1, 2)
-    assert np.all(out[1] == np.inf)
+    assert np.all(out[1] == np.inf)  # exact (and g[1] == 0 below): every term is exp(-inf) = 0
     assert rel_err(out[:1], ref_softmin(x[:1], y[:1], h[:1], 0.1, 2)) < RTOL[dtype]
     g = grad(x, y, h, 0.1, 2)
     assert np.all(g[1] == 0)
@@ -198,7 +198,9 @@ def test_coincident_points(rng, dtype, p):
     g = grad(x, x, h, eps, p)
     assert np.all(np.isfinite(g))  # ~0: each row's weight sits on its own point
     assert np.max(np.abs(g - ref_grad(x, x, h, eps, p))) < RTOL[dtype]
-    one = x[:, :1].copy()  # a single point on top of x: zero cost, zero gradient
+    # A single point on top of x: zero cost, zero gradient. Exact: x - x is 0, and one
+    # term of log-weight 0 gives -eps * log(exp(0)) = 0 in any order of operations.
+    one = x[:, :1].copy()
     assert np.all(softmin(one, one, np.zeros((2, 1), dtype), eps, p) == 0)
     assert np.all(grad(one, one, np.zeros((2, 1), dtype), eps, p) == 0)
 
@@ -259,7 +261,7 @@ def test_block_sparse_ranges_match_masked_dense(rng):
         mask = np.zeros(M, bool)
         for start, stop in cols:
             mask[start:stop] = True
-        if not mask.any():
+        if not mask.any():  # exact: an empty sum gives the kernels' initial +inf / 0
             assert np.all(out[:, sel] == np.inf) and np.all(g[:, sel] == 0) and np.all(k[:, sel] == 0)
             continue
         hm = np.where(mask, h, -np.inf)
@@ -282,6 +284,7 @@ def test_strided_inputs_and_output(rng):
 
 def test_empty_sets(rng):
     x, y, h = make(rng, 1, 4, 6, 2, np.float64)
+    # Exact: an empty sum gives the kernels' initial values, +inf (softmin) and 0 (sums).
     assert np.all(softmin(x, y[:, :0], h[:, :0], 0.1, 2) == np.inf)
     assert np.all(grad(x, y[:, :0], h[:, :0], 0.1, 2) == 0)
     assert np.all(kernel_sum(x, y[:, :0], h[:, :0], nk.KERNEL_GAUSSIAN, 1.0) == 0)

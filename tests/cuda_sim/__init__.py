@@ -1,0 +1,1 @@
+"""Tests on Numba's CUDA simulator (a package: see ``tests/helpers.py``)."""

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests (not fixtures: those live in ``conftest.py``).
+
+Import them as ``from tests.helpers import TOL, to_lib, to_numpy``: ``tests/`` and
+``tests/cuda_sim/`` are packages (``__init__.py``), so pytest's default import mode puts the
+repository root on ``sys.path`` and the two ``conftest.py`` files get distinct module names
+(``tests.conftest``, ``tests.cuda_sim.conftest``). Never import from ``conftest``: which of
+the two a bare ``import conftest`` finds depends on the folders collected.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+LIBRARIES = ("numpy", "torch", "array_api_strict")
+DTYPES = ("float32", "float64")
+#: Relative tolerance for "same algorithm, same data" comparisons, by dtype.
+TOL = {"float32": 1e-4, "float64": 1e-6}
+
+
+def load_library(name):
+    """The module for ``name``, or a pytest skip if it is not installed."""
+    if name == "numpy":
+        return np
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pytest.skip(f"{name} is not installed")
+
+
+def to_lib(array, lib, dtype=None):
+    """``array`` (NumPy or nested lists) as an array of library ``lib`` with ``dtype``."""
+    array = np.asarray(array)
+    if dtype is not None:
+        array = array.astype(dtype)
+    if lib == "numpy":
+        return array
+    module = load_library(lib)
+    if lib == "torch":
+        return module.from_numpy(np.ascontiguousarray(array))
+    return module.asarray(array)
+
+
+def to_numpy(array):
+    """Any array (torch with grad included) as a NumPy float64 array."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def library_of(array):
+    """The library name an array belongs to, as in ``LIBRARIES``."""
+    module = type(array).__module__.split(".")[0]
+    return {"numpy": "numpy", "torch": "torch", "array_api_strict": "array_api_strict"}.get(module, module)
