@@ -87,8 +87,6 @@ def grid_clusters(x, a, scale: float, *, xp) -> Clusters:
     >>> c.perm.tolist(), c.ranges.tolist(), c.centroids[:, 0].round(2).tolist(), c.masses.tolist()
     ([0, 2, 1, 3], [[0, 2], [2, 4]], [0.15, 2.7], [0.5, 0.5])
     """
-    import numpy as np
-
     N, D = x.shape
     if not scale > 0:
         raise ValueError(f"cluster_scale must be positive, got {scale!r}.")

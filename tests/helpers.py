@@ -54,3 +54,17 @@ def library_of(array):
     """The library name an array belongs to, as in ``LIBRARIES``."""
     module = type(array).__module__.split(".")[0]
     return {"numpy": "numpy", "torch": "torch", "array_api_strict": "array_api_strict"}.get(module, module)
+
+
+def skip_unless_keops_works(dim=3):
+    """Skip the calling test (module, in an autouse fixture) when KeOps cannot compile or run here."""
+    import array_api_compat
+    import torch
+
+    from ot_agnostic.backends import Method
+    from ot_agnostic.backends.keops import KeOpsPlugin
+
+    x = torch.zeros(1, 2, dim, dtype=torch.float64)
+    plugin = KeOpsPlugin()
+    if not plugin.supports(array_api_compat.array_namespace(x), x, Method.ONLINE):
+        pytest.skip(f"KeOps is unusable here: {plugin._errors['cpu']}")

@@ -28,8 +28,9 @@ pytest.importorskip("pykeops", reason="pykeops is not installed")
 import array_api_compat  # noqa: E402
 
 import ot_agnostic as ota  # noqa: E402
+from tests.helpers import skip_unless_keops_works  # noqa: E402
 from ot_agnostic import backends  # noqa: E402
-from ot_agnostic.backends import Method, PluginId, select_backend  # noqa: E402
+from ot_agnostic.backends import PluginId, select_backend  # noqa: E402
 from ot_agnostic.backends import keops as keops_plugin  # noqa: E402
 from ot_agnostic.backends.array_api import ArrayAPIPlugin, DenseGeometry  # noqa: E402
 from ot_agnostic.backends.keops import KEOPS_MIN_ENTRIES, KeOpsGeometry, KeOpsPlugin  # noqa: E402
@@ -45,10 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module", autouse=True)
 def keops_works():
     """Skip the module (with the reason) when KeOps cannot compile or run here."""
-    x = torch.zeros(1, 2, D, dtype=torch.float64)
-    plugin = KeOpsPlugin()
-    if not plugin.supports(array_api_compat.array_namespace(x), x, Method.ONLINE):
-        pytest.skip(f"KeOps is unusable here: {plugin._errors['cpu']}")
+    skip_unless_keops_works(D)
 
 
 def _close(mine, ref, dtype, factor=1.0):

@@ -23,11 +23,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed")
 pytest.importorskip("pykeops", reason="pykeops is not installed")
 
-import array_api_compat  # noqa: E402
-
 import ot_agnostic as ota  # noqa: E402
-from ot_agnostic.backends import Method  # noqa: E402
-from ot_agnostic.backends.keops import KeOpsPlugin, load_kernels  # noqa: E402
+from tests.helpers import skip_unless_keops_works  # noqa: E402
+from ot_agnostic.backends.keops import load_kernels  # noqa: E402
 
 D = 3
 
@@ -47,10 +45,7 @@ THREAD_RTOL = 1e-12
 @pytest.fixture(scope="module", autouse=True)
 def keops_works():
     """Skip the module (with the reason) when KeOps cannot compile or run here."""
-    x = torch.zeros(1, 2, D, dtype=torch.float64)
-    plugin = KeOpsPlugin()
-    if not plugin.supports(array_api_compat.array_namespace(x), x, Method.ONLINE):
-        pytest.skip(f"KeOps is unusable here: {plugin._errors['cpu']}")
+    skip_unless_keops_works(D)
 
 
 def _data(N, M, batch=None, seed=0):
