@@ -68,3 +68,15 @@ def skip_unless_keops_works(dim=3):
     plugin = KeOpsPlugin()
     if not plugin.supports(array_api_compat.array_namespace(x), x, Method.ONLINE):
         pytest.skip(f"KeOps is unusable here: {plugin._errors['cpu']}")
+
+
+def random_measures(rng, shape=(), N=25, M=20, D=3, shift=0.1, floor=0.2, unbalanced=False):
+    """Points in the unit cube (``y`` shifted by ``shift``) and random weights above ``floor``,
+    normalised to mass 1 (``b`` to 1.3 when ``unbalanced``); ``shape`` is a batch shape."""
+    x = rng.random(shape + (N, D))
+    y = rng.random(shape + (M, D)) + shift
+    a = rng.random(shape + (N,)) + floor
+    b = rng.random(shape + (M,)) + floor
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True) / (1.3 if unbalanced else 1.0)
+    return x, y, a, b

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ot_agnostic as ota
-from tests.helpers import TOL, library_of, load_library, to_lib, to_numpy
+from tests.helpers import TOL, library_of, load_library, random_measures, to_lib, to_numpy
 
 SETTINGS = [
     dict(p=p, reach=reach, debias=debias)
@@ -19,14 +19,7 @@ SETTINGS = [
 
 
 def _problem(rng, batched=False, unbalanced=False, N=25, M=20, D=3):
-    shape = (2,) if batched else ()
-    x = rng.random(shape + (N, D))
-    y = rng.random(shape + (M, D)) + 0.1
-    a = rng.random(shape + (N,)) + 0.2
-    b = rng.random(shape + (M,)) + 0.2
-    a /= a.sum(-1, keepdims=True)
-    b /= b.sum(-1, keepdims=True) / (1.3 if unbalanced else 1.0)
-    return x, y, a, b
+    return random_measures(rng, (2,) if batched else (), N, M, D, 0.1, 0.2, unbalanced)
 
 
 @pytest.mark.parametrize("backend", ["tensorized", "online"])

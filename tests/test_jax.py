@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import ot_agnostic as ota
+from tests.helpers import random_measures
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -49,15 +50,8 @@ def x64():
 
 
 def _problem(seed=0, batch=None, unbalanced=False):
-    rng = np.random.default_rng(seed)
     shape = () if batch is None else (batch,)
-    x = rng.random(shape + (N, D))
-    y = rng.random(shape + (M, D)) + 0.2
-    a = rng.random(shape + (N,)) + 0.5
-    b = rng.random(shape + (M,)) + 0.5
-    a /= a.sum(-1, keepdims=True)
-    b /= b.sum(-1, keepdims=True) / (1.3 if unbalanced else 1.0)
-    return x, y, a, b
+    return random_measures(np.random.default_rng(seed), shape, N, M, D, 0.2, 0.5, unbalanced)
 
 
 def _rel(got, ref):
