@@ -14,11 +14,12 @@ from .divergences import (
     sinkhorn_divergence,
     value_and_grad,
 )
-from .sinkhorn import Gradients, SinkhornResult, epsilon_schedule
+from .sinkhorn import ConvergenceWarning, Gradients, SinkhornResult, epsilon_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceWarning",
     "Gradients",
     "Method",
     "OTTransformer",

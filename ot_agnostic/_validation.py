@@ -12,6 +12,7 @@ Conventions enforced here (documented in the user guide):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,3 +271,29 @@ def check_cluster_labels(labels, measures):
             )
         out.append(lab if measures.batched else lab[None, ...])
     return tuple(out)
+
+
+def check_tol(tol) -> float | None:
+    """``tol``: None (GeomLoss's fixed schedule) or a positive finite number below 1."""
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(
+            f"tol must be None or a positive number (the marginal error to reach, e.g. 1e-3), got {tol!r}."
+        )
+    number = float(tol)
+    if not (math.isfinite(number) and 0 < number < 1):
+        raise ValueError(
+            f"tol must be a number in (0, 1) (the relative marginal error to reach, e.g. 1e-3), got "
+            f"{tol!r}; tol=None runs GeomLoss's fixed eps-scaling schedule instead."
+        )
+    return number
+
+
+def check_max_iter(max_iter) -> int:
+    """``max_iter``: a positive integer."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+        raise TypeError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter!r}.")
+    return int(max_iter)

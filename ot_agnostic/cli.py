@@ -20,6 +20,7 @@ import numpy as np
 import ot_agnostic
 
 from ._io import SUFFIXES, PointCloudError, read_points
+from .sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 PROG = "ot-agnostic"
 AUTO_PROGRESS_PAIRS = 10**8  # N * M from which a bar is shown by default (on a terminal)
@@ -47,8 +48,9 @@ output:
   <value> has 8 significant digits, <backend> is the plugin/method that ran and <seconds>
   the wall time of the computation (file reading excluded; a first run includes Numba's
   compilation). --json prints one JSON object instead, with the full-precision value and
-  the keys value, backend, seconds, n_iter, n_a, n_b, dim, p, blur, reach, scaling, dtype,
-  file_a, file_b.
+  the keys value, backend, seconds, n_iter, n_softmin, marginal_error, converged, tol, n_a,
+  n_b, dim, p, blur, reach, scaling, dtype, file_a, file_b. A result that did not reach
+  --tol within --max-iter prints a ConvergenceWarning (with the measured error) on stderr.
 
 exit status: 0 on success; 2 on a bad file, option or problem, with one line on stderr.
 """
@@ -75,7 +77,21 @@ def _fraction(text: str) -> float:
     return value
 
 
-_positive.__name__ = _fraction.__name__ = "number"  # argparse then says "invalid number value: 'x'"
+def _tolerance(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    return _fraction(text)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+_positive.__name__ = _fraction.__name__ = _tolerance.__name__ = "number"  # argparse: "invalid number value: 'x'"
+_count.__name__ = "integer"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     div.add_argument("--reach", type=_positive, default=None,
                      help="unbalanced OT with this reach (default: balanced OT)")
     div.add_argument("--scaling", type=_fraction, default=0.5, help="eps-scaling ratio in (0, 1) (default 0.5)")
+    div.add_argument("--tol", type=_tolerance, default=DEFAULT_TOL, metavar="TOL",
+                     help=f"marginal error to reach (default {DEFAULT_TOL:g}); 'none' runs GeomLoss's fixed schedule")
+    div.add_argument("--max-iter", type=_count, default=DEFAULT_MAX_ITER, metavar="N",
+                     help=f"at most N Sinkhorn updates at the final eps (default {DEFAULT_MAX_ITER})")
     div.add_argument("--backend", default="auto",
                      help="auto, tensorized, online, multiscale, numba, array_api, ... or plugin/method "
                           "such as numba/online (default auto)")
@@ -155,6 +175,7 @@ def _divergence(args, extra) -> int:
         result = ot_agnostic.sinkhorn(
             x, y, a, b, p=args.p, blur=args.blur, reach=args.reach, scaling=args.scaling,
             backend=args.backend, verbose=_show_progress(args.progress, len(x) * len(y)),
+            tol=args.tol, max_iter=args.max_iter,
         )
         value = float(result.value)
     except LIBRARY_ERRORS as err:
@@ -165,7 +186,9 @@ def _divergence(args, extra) -> int:
     if args.json:
         report = {
             "value": value if math.isfinite(value) else None, "backend": result.backend,
-            "seconds": seconds, "n_iter": int(result.n_iter), "n_a": len(x), "n_b": len(y),
+            "seconds": seconds, "n_iter": int(result.n_iter), "n_softmin": int(result.n_softmin),
+            "marginal_error": float(result.marginal_error), "converged": bool(result.converged),
+            "tol": args.tol, "n_a": len(x), "n_b": len(y),
             "dim": x.shape[1], "p": args.p, "blur": args.blur, "reach": args.reach,
             "scaling": args.scaling, "dtype": args.dtype, "file_a": args.a, "file_b": args.b,
         }

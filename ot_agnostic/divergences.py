@@ -16,13 +16,15 @@ from ._array_api import safe_log, stop_gradient
 from ._jax import any_tracer, traced_sinkhorn
 from ._progress import progress_reporter
 from ._validation import (
-    check_cluster_labels, check_extent, check_p, check_positive, check_power, check_scaling,
-    validate_measures,
+    check_cluster_labels, check_extent, check_max_iter, check_p, check_positive, check_power,
+    check_scaling, check_tol, validate_measures,
 )
 from .backends import Method, Selection, parse_backend, select_backend
 from .multiscale import solve_multiscale
 from .costs import Kernel, make_cost
-from .sinkhorn import SinkhornResult, solve
+from .sinkhorn import (
+    DEFAULT_MAX_ITER, DEFAULT_TOL, Precision, SinkhornResult, solve, warn_if_not_converged,
+)
 
 __all__ = [
     "sinkhorn",
@@ -38,7 +40,7 @@ __all__ = [
 def sinkhorn(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False, cluster_labels=None,
+    verbose=False, cluster_labels=None, tol=DEFAULT_TOL, max_iter=DEFAULT_MAX_ITER,
 ) -> SinkhornResult:
     r"""Entropic optimal transport between ``sum_i a_i delta_{x_i}`` and ``sum_j b_j delta_{y_j}``.
 
@@ -121,6 +123,8 @@ def sinkhorn(
     scaling = check_scaling(scaling)
     truncate = check_positive(truncate, "truncate", allow_none=True)
     cluster_scale = check_positive(cluster_scale, "cluster_scale", allow_none=True, allow_zero=True)
+    tol, max_iter = check_tol(tol), check_max_iter(max_iter)
+    precision = None if tol is None else Precision(tol, max_iter)
     cost = make_cost(p, cost)
     check_power(diameter, p, "diameter", "diameter**p")
     measures = validate_measures(x, y, a, b, balanced=reach is None)
@@ -134,15 +138,18 @@ def sinkhorn(
     selection = select_backend(measures.xp, measures.x, backend, measures.shape, cost, labelled=labels is not None)
     with progress_reporter(progress, verbose, f"sinkhorn ({selection})") as report:
         if selection.method is Method.MULTISCALE:
-            return solve_multiscale(
+            result = solve_multiscale(
                 measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
                 scaling=scaling, debias=bool(debias), truncate=truncate,
-                cluster_scale=cluster_scale, progress=report, labels=labels,
+                cluster_scale=cluster_scale, progress=report, labels=labels, precision=precision,
             )
-        return solve(
-            measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
-            scaling=scaling, debias=bool(debias), progress=report,
-        )
+        else:
+            result = solve(
+                measures, selection, cost, blur=blur, reach=reach, diameter=diameter,
+                scaling=scaling, debias=bool(debias), progress=report, precision=precision,
+            )
+    warn_if_not_converged(result)
+    return result
 
 
 def _multiscale_backend(backend):
@@ -161,7 +168,7 @@ def _multiscale_backend(backend):
 def sinkhorn_divergence(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False, cluster_labels=None,
+    verbose=False, cluster_labels=None, tol=DEFAULT_TOL, max_iter=DEFAULT_MAX_ITER,
 ):
     r"""Debiased Sinkhorn divergence ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2``.
 
@@ -179,14 +186,14 @@ def sinkhorn_divergence(
     return sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
-        progress=progress, verbose=verbose, cluster_labels=cluster_labels,
+        progress=progress, verbose=verbose, cluster_labels=cluster_labels, tol=tol, max_iter=max_iter,
     ).value
 
 
 def value_and_grad(
     x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
     debias=True, backend="auto", truncate=5.0, cluster_scale=None, cost=None, progress=None,
-    verbose=False, cluster_labels=None,
+    verbose=False, cluster_labels=None, tol=DEFAULT_TOL, max_iter=DEFAULT_MAX_ITER,
 ):
     r"""The Sinkhorn divergence and its gradients, without autograd (NumPy, CuPy, ...).
 
@@ -209,7 +216,7 @@ def value_and_grad(
     result = sinkhorn(
         x, y, a, b, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
         debias=debias, backend=backend, truncate=truncate, cluster_scale=cluster_scale, cost=cost,
-        progress=progress, verbose=verbose, cluster_labels=cluster_labels,
+        progress=progress, verbose=verbose, cluster_labels=cluster_labels, tol=tol, max_iter=max_iter,
     )
     return result.value, result.gradient()
 

@@ -35,6 +35,7 @@ from .sinkhorn import (
     Geometries,
     Gradients,
     Potentials,
+    Precision,
     SinkhornResult,
     _average,
     _max_change,
@@ -42,8 +43,11 @@ from .sinkhorn import (
     dampening,
     envelope_gradients,
     epsilon_schedule,
+    convergence_report,
     max_diameter,
+    refine,
     sinkhorn_cost,
+    step_errors,
 )
 
 #: GeomLoss's default: keep the cluster pairs whose coupling is above ``exp(-truncate)``.
@@ -173,7 +177,8 @@ class ItemSolution(NamedTuple):
     ``pot``: the final potentials on the points; ``last``: the loop iterate the final step
     started from (on the clusters if the final step was the extrapolation); ``geoms``,
     ``log_a``, ``log_b``: the geometries and log-weights of the final step (its envelope
-    gradients); ``keeps``: the kept cluster pairs (None when the loop never left the clusters).
+    gradients); ``keeps``: the kept cluster pairs (None when the loop never left the clusters);
+    ``error``: the measured error of the final step; ``n_iter``, ``n_softmin``: the counts.
     """
 
     pot: Potentials
@@ -183,11 +188,16 @@ class ItemSolution(NamedTuple):
     log_a: Any
     log_b: Any
     keeps: Any
+    error: float
+    n_iter: int
+    n_softmin: int
 
 
-def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None) -> ItemSolution:
-    """Run the two-scale loop on one item."""
+def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None,
+               precision: Precision | None = None) -> ItemSolution:
+    """Run the two-scale loop on one item (then, with ``precision``, refine on the points)."""
     xp = problem.xp
+    per_step = 4 if debias else 2
     geoms = problem.coarse_geometries(debias)
     log_a, log_b = problem.log_ac, problem.log_bc
     zeros_x, zeros_y = xp.zeros_like(log_a), xp.zeros_like(log_b)
@@ -195,18 +205,37 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
     pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
     keeps = None
     final_index = len(eps_list) - 1
+    updates = 1 + len(eps_list)
+    total = len(eps_list) + 1
+
+    def jump_to_points(pot, eps, damping):
+        nonlocal keeps, geoms, log_a, log_b
+        keeps = problem.keeps(pot, eps, truncate)
+        pot = problem.extrapolate(pot, eps, damping)
+        geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
+        log_a = safe_log(stop_gradient(problem.a), xp=xp)
+        log_b = safe_log(stop_gradient(problem.b), xp=xp)
+        return pot
+
     for i, eps in enumerate(eps_list):
         damping = dampening(eps, rho)
         pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, damping))
         if i == jump and i < final_index:
-            keeps = problem.keeps(pot, eps, truncate)
-            pot = problem.extrapolate(pot, eps, damping)
-            geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
-            log_a = safe_log(stop_gradient(problem.a), xp=xp)
-            log_b = safe_log(stop_gradient(problem.b), xp=xp)
+            pot = jump_to_points(pot, eps, damping)
         if progress is not None:
-            progress(i + 1, len(eps_list) + 1)
+            progress(i + 1, total)
     eps = eps_list[-1]
+    passes = per_step * updates
+    if precision is not None:
+        if keeps is None:  # refine on the points, not on the clusters
+            pot = jump_to_points(pot, eps, dampening(eps, rho))
+            updates, passes = updates + 1, passes + per_step
+        report = None if progress is None else (lambda done, cap: progress(total - 1 + done, total + cap))
+        pot, refined, refine_passes = refine(
+            geoms, pot, log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b), eps, rho,
+            precision, xp=xp, progress=report,
+        )
+        updates, passes, total = updates + refined, passes + refine_passes, total + refined
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     tracked = any(requires_grad(t) for t in (problem.x, problem.y))
     if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step
@@ -218,13 +247,16 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
         before = last
     out = _sinkhorn_step(final, last, log_a, log_b, eps, dampening(eps, rho))
     if progress is not None:
-        progress(len(eps_list) + 1, len(eps_list) + 1)
-    return ItemSolution(out, last, _max_change(before, out, xp=xp), geoms, log_a, log_b, keeps)
+        progress(total, total)
+    a, b = stop_gradient(problem.a), stop_gradient(problem.b)
+    error = step_errors(before, out, a, b, eps, xp=xp)[0]
+    return ItemSolution(out, last, _max_change(before, out, xp=xp), geoms, log_a, log_b, keeps,
+                        error, updates + 1, passes + per_step)
 
 
 def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,
                      truncate=DEFAULT_TRUNCATE, cluster_scale=None, progress=None,
-                     labels=None) -> SinkhornResult:
+                     labels=None, precision: Precision | None = None) -> SinkhornResult:
     """Multiscale counterpart of :func:`ot_agnostic.sinkhorn.solve` (same result fields).
 
     ``labels``: None (grid clusters of side ``cluster_scale``) or validated batched integer
@@ -272,7 +304,7 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
             measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost,
             selection.plugin, scale, xp=xp, labels=None if labels is None else (labels[0][k, ...], labels[1][k, ...]),
         )
-        items.append((problem, solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B))))
+        items.append((problem, solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B), precision)))
     values = [sinkhorn_cost(eps, rho, problem.a, problem.b, sol.pot, debias=debias, xp=xp) for problem, sol in items]
     value = xp.concat(values, axis=0)
 
@@ -287,12 +319,15 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
         return measures.unbatch(xp.concat(parts, axis=0))
 
     change = max(sol.change for _, sol in items)
+    marginal_error, converged = convergence_report([sol.error for _, sol in items], precision, batched=measures.batched)
     state = _MultiscaleState(measures, items, eps, rho, debias)
     return MultiscaleResult(
         value=measures.unbatch(value),
         f=unsorted("f_ba"), g=unsorted("g_ab"), f_aa=unsorted("f_aa"), g_bb=unsorted("g_bb"),
-        eps_schedule=eps_list, n_iter=len(eps_list), max_change=change, eps=eps, rho=rho,
-        backend=f"{selection.plugin.id.value}/multiscale",
+        eps_schedule=eps_list, n_iter=max(sol.n_iter for _, sol in items), max_change=change,
+        eps=eps, rho=rho, backend=f"{selection.plugin.id.value}/multiscale",
+        marginal_error=marginal_error, converged=converged,
+        n_softmin=sum(sol.n_softmin for _, sol in items), tol=None if precision is None else precision.tol,
         _state=state,
     )
 
@@ -353,6 +388,7 @@ class MultiscaleResult(SinkhornResult):
 
         From the block-sparse geometries of the final step, as torch autograd gives them.
         """
+        self._warn_if_unconverged("gradient")
         state = self._state
         m, xp = state.measures, state.measures.xp
         parts = []

@@ -15,10 +15,12 @@ Sec. 3.3) so that both libraries give the same numbers:
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ._array_api import requires_grad, safe_log, stop_gradient, to_float
+from ._array_api import device_of, requires_grad, safe_log, stop_gradient, to_float, to_host
 
 
 class Potentials(NamedTuple):
@@ -99,15 +101,170 @@ def _max_change(old: Potentials, new: Potentials, *, xp) -> float:
     return max(to_float(xp.max(xp.abs(n - o))) for o, n in zip(old, new) if o is not None)
 
 
-def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, rho, *, xp, progress=None):
-    """Run eps-scaling on ``geoms``, then extrapolate once on ``final``.
+class ConvergenceWarning(UserWarning):
+    """A Sinkhorn result is less precise than asked (``tol``) or than the default precision."""
+
+
+#: The precision the native functions aim for by default: ``marginal_error <= DEFAULT_TOL``.
+DEFAULT_TOL = 1e-3
+#: The default cap on the Sinkhorn updates at the final ``eps`` (after eps-scaling).
+DEFAULT_MAX_ITER = 2000
+
+
+class Precision(NamedTuple):
+    """What the loop does after eps-scaling: iterate at the final ``eps`` until every batch
+    item's error is below ``tol``, at most ``max_iter`` updates (see :func:`refine`)."""
+
+    tol: float
+    max_iter: int
+
+
+def scaling_error(w, f, f_new, eps, *, xp):
+    """``(B,)`` errors ``sum_i w_i |exp((f_i - f_new_i) / eps) - 1| / sum_i w_i``.
+
+    With ``f_new = softmin(g)`` (balanced OT) this is the L1 violation of the marginal
+    ``pi 1 = w`` by the plan of ``(f, g)``, relative to the mass; for unbalanced OT
+    (``f_new`` the damped softmin) it is the fixed-point residual of the scalings
+    ``exp(f / eps)``, i.e. about ``<w, |f - f_new|> / (eps m(w))``.
+    """
+    ratio = (stop_gradient(f) - stop_gradient(f_new)) / eps
+    ratio = xp.where(ratio > 50.0, xp.asarray(50.0, dtype=ratio.dtype, device=device_of(ratio)), ratio)
+    return xp.sum(w * xp.abs(xp.expm1(ratio)), axis=1) / xp.sum(w, axis=1)
+
+
+def step_errors(before: Potentials, after: Potentials, a, b, eps, *, xp) -> list[float]:
+    """Per batch item, the largest :func:`scaling_error` of the update ``before -> after``
+    over the potentials (f on ``a``, g on ``b``, f_aa on ``a``, g_bb on ``b``)."""
+    weights = (a, b, a, b)
+    errors = [
+        to_host(scaling_error(w, o, n, eps, xp=xp))
+        for w, o, n in zip(weights, before, after) if o is not None
+    ]
+    return [max(float(e[k]) for e in errors) for k in range(len(errors[0]))]
+
+
+def refine(geoms: Geometries, pot: Potentials, log_a, log_b, a, b, eps, rho, precision: Precision,
+           *, xp, progress=None):
+    """Sinkhorn updates at the final ``eps`` until every error is below ``precision.tol``.
+
+    ``OT(a, b)`` alternates ``g <- d softmin_x(log a + f / eps)``, ``f <- d softmin_y(log b + g / eps)``
+    (``d``: the unbalanced damping, 1 if balanced), so that the plan's rows are exact and its
+    column error is :func:`scaling_error` of ``g``. The map ``f -> f_new`` is accelerated by
+    :class:`Anderson` mixing while the error is above ``tol`` (the last update is a plain one,
+    so that the measured error is the plan's). The symmetric potentials of ``OT(a, a)``,
+    ``OT(b, b)`` take the averaged update ``f <- (f + d softmin(f)) / 2``. Each of the three
+    problems, in each batch item, stops when its own error is below ``tol`` (items stop
+    separately). Returns ``(potentials, updates, softmin_passes)``.
+    """
+    tol, damping = precision.tol, dampening(eps, rho)
+    B = log_a.shape[0]
+    f, g, f_aa, g_bb = pot
+    active_cross = [True] * B
+    active_self = [f_aa is not None] * B
+    anderson = Anderson(a, xp=xp)
+    updates = passes = 0
+    while updates < precision.max_iter and (any(active_cross) or any(active_self)):
+        updates += 1
+        if any(active_cross):
+            g_new = damping * geoms.yx.softmin(eps, log_a + f / eps)
+            col = to_host(scaling_error(b, g, g_new, eps, xp=xp))
+            f_new = damping * geoms.xy.softmin(eps, log_b + g_new / eps)
+            passes += 2
+            mixing = [bool(active and col[k] > tol) for k, active in enumerate(active_cross)]
+            f_new = anderson.mix(f, f_new, mixing)
+            mask = _mask(active_cross, xp=xp, like=f)
+            g, f = xp.where(mask, g_new, g), xp.where(mask, f_new, f)
+            active_cross = mixing
+        if any(active_self):
+            aa = damping * geoms.xx.softmin(eps, log_a + f_aa / eps)
+            bb = damping * geoms.yy.softmin(eps, log_b + g_bb / eps)
+            passes += 2
+            err = [max(u, v) for u, v in zip(to_host(scaling_error(a, f_aa, aa, eps, xp=xp)),
+                                               to_host(scaling_error(b, g_bb, bb, eps, xp=xp)))]
+            mask = _mask(active_self, xp=xp, like=f)
+            f_aa, g_bb = xp.where(mask, 0.5 * (f_aa + aa), f_aa), xp.where(mask, 0.5 * (g_bb + bb), g_bb)
+            active_self = [bool(active and err[k] > tol) for k, active in enumerate(active_self)]
+        if progress is not None:
+            progress(updates, precision.max_iter)
+    return Potentials(f, g, f_aa, g_bb), updates, passes
+
+
+class Anderson:
+    """Anderson mixing (type II, ``memory`` past iterates) for the fixed point ``f = F(f)``.
+
+    With the residuals ``r_k = F(f_k) - f_k`` and their differences ``dR``, ``dF`` over the
+    last ``memory`` steps, the next iterate is ``F(f_k) - dF gamma`` where ``gamma``
+    minimises ``|r_k - dR gamma|`` in the ``a``-weighted norm (a tiny ridge keeps it
+    well posed). Per batch item; an item that does not mix (``mixing[k]`` False) takes the
+    plain update and forgets its history, as does one whose residual grows tenfold over
+    the best seen (a safeguard: Anderson is not monotone).
+    """
+
+    def __init__(self, weights, *, xp, memory: int = 5):
+        self.w, self.xp, self.memory = weights, xp, memory
+        self.images, self.residuals = [], []
+        self.best = None
+
+    def mix(self, f, image, mixing):
+        import numpy as np
+
+        xp = self.xp
+        residual = image - f
+        norm = to_host(xp.sum(self.w * residual * residual, axis=1))
+        self.best = norm if self.best is None else np.minimum(self.best, norm)
+        restart = [not m or norm[k] > 100 * self.best[k] for k, m in enumerate(mixing)]
+        if any(restart) and self.residuals:
+            keep = _mask([not r for r in restart], xp=xp, like=f)
+            self.images = [xp.where(keep, v, image) for v in self.images]
+            self.residuals = [xp.where(keep, v, residual) for v in self.residuals]
+        self.images = (self.images + [image])[-(self.memory + 1):]
+        self.residuals = (self.residuals + [residual])[-(self.memory + 1):]
+        if len(self.residuals) < 3:
+            return image
+        dR = xp.stack([r1 - r0 for r0, r1 in zip(self.residuals[:-1], self.residuals[1:])], axis=1)
+        dF = xp.stack([v1 - v0 for v0, v1 in zip(self.images[:-1], self.images[1:])], axis=1)
+        weighted = dR * self.w[:, None, :]
+        gram = to_host(xp.matmul(weighted, xp.permute_dims(dR, (0, 2, 1)))).astype(np.float64)
+        rhs = to_host(xp.sum(weighted * residual[:, None, :], axis=2)).astype(np.float64)
+        usable = np.isfinite(gram).all(axis=(1, 2)) & np.isfinite(rhs).all(axis=1) & ~np.asarray(restart)
+        gram[~usable], rhs[~usable] = np.eye(gram.shape[1]), 0.0
+        ridge = 1e-10 * np.trace(gram, axis1=1, axis2=2)[:, None, None] + 1e-300
+        gamma = np.linalg.solve(gram + ridge * np.eye(gram.shape[1]), rhs[:, :, None])[:, :, 0]
+        gamma[~np.isfinite(gamma).all(axis=1)] = 0.0
+        gamma = xp.asarray(gamma, dtype=f.dtype, device=device_of(f))
+        return image - xp.sum(gamma[:, :, None] * dF, axis=1)
+
+
+def _mask(active, *, xp, like):
+    """``(B, 1)`` boolean array, on ``like``'s device, of the batch items still iterating."""
+    return xp.asarray(active, device=device_of(like))[:, None]
+
+
+class LoopOutput(NamedTuple):
+    """What :func:`sinkhorn_loop` returns: the final potentials ``pot``, the iterate ``last``
+    they were computed from, the largest change ``change`` between the two, the ``(B,)``
+    ``errors`` of that final update (see :func:`step_errors`), and the counts of updates
+    (``n_iter``) and softmin reductions (``n_softmin``) over the whole run."""
+
+    pot: Potentials
+    last: Potentials
+    change: float
+    errors: list
+    n_iter: int
+    n_softmin: int
+
+
+def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, a, b, eps_list, rho, *, xp,
+                  progress=None, precision: Precision | None = None) -> LoopOutput:
+    """Run eps-scaling on ``geoms``, refine at the last ``eps`` if ``precision`` asks, then
+    update once more on ``final``.
 
     ``geoms`` hold gradient-free points; ``final`` holds the points that autograd tracks
     (each geometry tracks its first argument only, cf. the envelope theorem).
-    ``progress(done, total)``, if given, is called after each of the ``len(eps_list) + 1``
-    steps. Returns ``(potentials, last, max_change)``: the extrapolated potentials, the last
-    loop iterate they were computed from, and the largest change between the two.
+    ``progress(done, total)``, if given, is called after each step. ``a``, ``b``: the
+    weights (gradient-free), to measure the errors.
     """
+    per_step = 2 if geoms.xx is None else 4
     zeros_x = xp.zeros_like(log_a)
     zeros_y = xp.zeros_like(log_b)
     start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if geoms.xx is not None else ()))
@@ -118,34 +275,18 @@ def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, eps_list, 
         if progress is not None:
             progress(i + 1, total)
     eps = eps_list[-1]
+    updates, passes = 1 + len(eps_list), per_step * (1 + len(eps_list))
+    if precision is not None:
+        report = None if progress is None else (lambda done, cap: progress(total - 1 + done, total + cap))
+        pot, refined, refine_passes = refine(geoms, pot, log_a, log_b, a, b, eps, rho, precision, xp=xp, progress=report)
+        updates, passes = updates + refined, passes + refine_passes
+        total += refined
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
     if progress is not None:
         progress(total, total)
-    return out, last, _max_change(last, out, xp=xp)
-
-
-def refine_potentials(result: "SinkhornResult", *, tol: float, max_iter: int):
-    """Alternating Sinkhorn updates of ``OT(a, b)`` at the final ``eps``, from ``result``'s potentials.
-
-    ``g <- d softmin_x(log a + f / eps)``, then ``f <- d softmin_y(log b + g / eps)`` (``d``:
-    the unbalanced damping, 1 if balanced), until no potential moves by more than
-    ``tol * eps`` or after ``max_iter`` rounds: the marginals of the plan then match ``a``
-    and ``b`` to about ``tol`` (relative). The eps-scaling loop alone does one update per
-    temperature, which leaves a few percent there. Returns ``(f, g, rounds, change)``
-    (``f``, ``g`` shaped like ``result.f``, ``result.g``), ``change`` being the last move over ``eps``.
-    """
-    state = result._state
-    xp, geoms, eps = state.measures.xp, state.geoms, result.eps
-    damping = dampening(eps, result.rho)
-    f, g = stop_gradient(state.pot.f_ba), stop_gradient(state.pot.g_ab)
-    change, rounds = math.inf, 0
-    while rounds < max_iter and change > tol:
-        g_new = damping * geoms.yx.softmin(eps, state.log_a + f / eps)
-        f_new = damping * geoms.xy.softmin(eps, state.log_b + g_new / eps)
-        change = max(to_float(xp.max(xp.abs(f_new - f))), to_float(xp.max(xp.abs(g_new - g)))) / eps
-        f, g, rounds = f_new, g_new, rounds + 1
-    return state.measures.unbatch(f), state.measures.unbatch(g), rounds, change
+    errors = step_errors(last, out, a, b, eps, xp=xp)
+    return LoopOutput(out, last, _max_change(last, out, xp=xp), errors, updates + 1, passes + per_step)
 
 
 def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
@@ -264,8 +405,15 @@ class SinkhornResult:
     f, g : the potentials ``f_ba`` (on x) and ``g_ab`` (on y) of ``OT_eps(a, b)``.
     f_aa, g_bb : the potentials of ``OT_eps(a, a)`` and ``OT_eps(b, b)`` (``None`` without debias).
     eps_schedule : the temperatures used, from ``diameter**p`` down to ``eps = blur**p``.
-    n_iter : the number of eps-scaling iterations (one final extrapolation step follows).
-    max_change : the largest change of a potential during the final step (a convergence measure).
+    n_iter : the number of Sinkhorn updates: eps-scaling, then those at ``eps`` (``tol``), and the final one.
+    n_softmin : the number of softmin reductions these updates ran (2 per update of
+        ``OT(a, b)``, 2 more per update of the debiasing terms).
+    marginal_error : the measured error of the last update, per batch item the largest of
+        :func:`scaling_error` over the potentials: for balanced OT, the L1 violation of the
+        marginals by the plan, relative to the mass (float, or ``(B,)`` NumPy array).
+    converged : ``marginal_error <= tol`` (``DEFAULT_TOL`` when ``tol=None``); bool or ``(B,)``.
+    tol : the requested precision (None: GeomLoss's fixed schedule).
+    max_change : the largest change of a potential during the final step.
     eps, rho : the final temperature and the marginal penalty (``None`` for balanced OT).
     backend : the plugin and the method that ran, e.g. ``"array_api/tensorized"``.
     """
@@ -281,7 +429,20 @@ class SinkhornResult:
     eps: float
     rho: float | None
     backend: str
+    marginal_error: Any
+    converged: Any
+    n_softmin: int
+    tol: float | None
     _state: _SolverState = field(repr=False)
+
+    def _warn_if_unconverged(self, what: str) -> None:
+        if bool(_all(self.converged)):
+            return
+        warnings.warn(
+            f"this {what} comes from potentials with a marginal error of "
+            f"{_largest(self.marginal_error):.2g} (above tol={self.tol if self.tol is not None else DEFAULT_TOL:g}); "
+            f"{_advice(self)}", ConvergenceWarning, stacklevel=user_stacklevel(),
+        )
 
     @property
     def plan_shape(self) -> tuple[int, ...]:
@@ -337,8 +498,10 @@ class SinkhornResult:
 
         No autograd needed: they come from the converged potentials (see
         ``envelope_gradients``), so NumPy and CuPy users get them too. They equal what
-        torch autograd gives on ``value``.
+        torch autograd gives on ``value``. A ``ConvergenceWarning`` says when the potentials
+        are less converged than asked (their error is first order in ``marginal_error``).
         """
+        self._warn_if_unconverged("gradient")
         state = self._state
         m, xp = state.measures, state.measures.xp
         grads = envelope_gradients(
@@ -348,7 +511,8 @@ class SinkhornResult:
         return Gradients(*(m.unbatch(stop_gradient(g)) for g in grads))
 
 
-def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias, progress=None) -> SinkhornResult:
+def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias, progress=None,
+          precision: Precision | None = None) -> SinkhornResult:
     """Run the debiased (or not) Sinkhorn algorithm on validated measures; see ``ot_agnostic.sinkhorn``."""
     xp = measures.xp
     x, y, a, b = measures.x, measures.y, measures.a, measures.b
@@ -375,8 +539,11 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias, 
         final = loop
     log_a = safe_log(stop_gradient(a), xp=xp)
     log_b = safe_log(stop_gradient(b), xp=xp)
-    pot, last, change = sinkhorn_loop(loop, final, log_a, log_b, eps_list, rho, xp=xp, progress=progress)
+    run = sinkhorn_loop(loop, final, log_a, log_b, stop_gradient(a), stop_gradient(b), eps_list, rho,
+                        xp=xp, progress=progress, precision=precision)
+    pot = run.pot
     value = sinkhorn_cost(eps, rho, a, b, pot, debias=debias, xp=xp)
+    marginal_error, converged = convergence_report(run.errors, precision, batched=measures.batched)
 
     def out(v):
         return None if v is None else measures.unbatch(v)
@@ -388,13 +555,71 @@ def solve(measures, selection, cost, *, blur, reach, diameter, scaling, debias, 
         f_aa=out(pot.f_aa),
         g_bb=out(pot.g_bb),
         eps_schedule=eps_list,
-        n_iter=len(eps_list),
-        max_change=change,
+        n_iter=run.n_iter,
+        max_change=run.change,
         eps=eps,
         rho=rho,
         backend=str(selection),
+        marginal_error=marginal_error,
+        converged=converged,
+        n_softmin=run.n_softmin,
+        tol=None if precision is None else precision.tol,
         _state=_SolverState(
-            measures, loop, last, Potentials(*(None if v is None else stop_gradient(v) for v in pot)),
+            measures, loop, run.last, Potentials(*(None if v is None else stop_gradient(v) for v in pot)),
             log_a, log_b, debias,
         ),
+    )
+
+
+def convergence_report(errors, precision: Precision | None, *, batched: bool):
+    """``(marginal_error, converged)`` for a result: floats, or ``(B,)`` NumPy arrays if batched."""
+    import numpy as np
+
+    tol = DEFAULT_TOL if precision is None else precision.tol
+    errors = np.asarray(errors, dtype=float)
+    converged = errors <= tol
+    if batched:
+        return errors, converged
+    return float(errors[0]), bool(converged[0])
+
+
+def _all(flags) -> bool:
+    return bool(flags) if isinstance(flags, bool) else bool(flags.all())
+
+
+def _largest(errors) -> float:
+    return float(errors) if isinstance(errors, float) else float(errors.max())
+
+
+def _advice(result) -> str:
+    """What to change when a result is not converged."""
+    if result.tol is None:
+        return (
+            "tol=None runs GeomLoss's fixed eps-scaling schedule; pass tol= (e.g. 1e-3) to iterate "
+            "until the marginals are right, or use scaling closer to 1."
+        )
+    return (
+        f"raise max_iter (it stopped after {result.n_iter} updates), or use a larger blur (eps "
+        "relative to the squared diameter sets the speed of Sinkhorn), or a larger tol."
+    )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised by the caller, pointing past ot_agnostic's frames
+    at the user's line."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("ot_agnostic"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_not_converged(result: SinkhornResult) -> None:
+    """The ``ConvergenceWarning`` of a result that asked for ``tol`` and stopped at ``max_iter``."""
+    if result.tol is None or _all(result.converged):
+        return
+    warnings.warn(
+        f"Sinkhorn stopped at max_iter before reaching tol={result.tol:g}: the measured marginal "
+        f"error is {_largest(result.marginal_error):.3g} ({result.n_iter} updates, "
+        f"{result.n_softmin} softmin passes); {_advice(result)}",
+        ConvergenceWarning, stacklevel=user_stacklevel(),
     )

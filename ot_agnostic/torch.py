@@ -44,10 +44,11 @@ import logging
 import torch
 
 from ._array_api import safe_log
-from ._validation import check_p, check_positive, check_power, check_scaling
+from ._validation import check_max_iter, check_p, check_positive, check_power, check_scaling, check_tol
 from .backends import Method, parse_backend
 from .costs import Kernel, make_cost
 from .divergences import _pairwise_setup, kernel_frame
+from .sinkhorn import DEFAULT_MAX_ITER, _largest
 from .divergences import (
     energy_distance,
     gaussian_mmd,
@@ -97,6 +98,9 @@ class SamplesLoss(torch.nn.Module):
         returning the ``(B, N, M)`` kernel matrix (a KeOps ``LazyTensor`` when ``use_keops``)
         that replaces the kernel of ``loss="energy"``, ``"gaussian"`` or ``"laplacian"``.
     debias : sinkhorn only: the debiased ``S_eps`` (True) or the raw ``OT_eps`` (False).
+    tol, max_iter : sinkhorn only, not in GeomLoss: None (the default) runs GeomLoss's fixed
+        eps-scaling schedule and gives its numbers; a float iterates at the final ``eps``
+        until the marginal error is below ``tol`` (see :func:`ot_agnostic.sinkhorn`).
     potentials : return the dual potentials ``(F, G)`` on ``x`` and ``y`` instead of the value:
         ``(f_ba - f_aa, g_ab - g_bb)`` (sinkhorn, debias), ``(f_ba, g_ab)`` (sinkhorn, no debias),
         ``(K a - K b on x, K b - K a on y)`` (kernel losses) and
@@ -145,6 +149,8 @@ class SamplesLoss(torch.nn.Module):
         potentials=False,
         verbose=False,
         backend="auto",
+        tol=None,
+        max_iter=DEFAULT_MAX_ITER,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -186,6 +192,7 @@ class SamplesLoss(torch.nn.Module):
             check_power(reach, p, "reach", "rho")
             diameter = check_positive(diameter, "diameter", allow_none=True)
             scaling = check_scaling(scaling)
+            tol, max_iter = check_tol(tol), check_max_iter(max_iter)
         elif loss == "hausdorff" and reach is not None:
             raise NotImplementedError(
                 "unbalanced Hausdorff divergences (loss='hausdorff' with a reach) are not "
@@ -205,9 +212,11 @@ class SamplesLoss(torch.nn.Module):
         self.debias = bool(debias)
         self.potentials = bool(potentials)
         self.verbose = verbose
+        self.tol = tol
+        self.max_iter = max_iter
 
     def extra_repr(self) -> str:
-        keys = ["loss", "p", "blur", "reach", "diameter", "scaling", "debias", "potentials", "backend"]
+        keys = ["loss", "p", "blur", "reach", "diameter", "scaling", "debias", "potentials", "backend", "tol"]
         return ", ".join(f"{key}={getattr(self, key)!r}" for key in keys)
 
     def forward(self, *args):
@@ -249,7 +258,7 @@ class SamplesLoss(torch.nn.Module):
             x, y, a, b, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
             scaling=self.scaling, debias=self.debias, backend=self.backend,
             truncate=self.truncate, cluster_scale=self.cluster_scale, cost=self.cost,
-            cluster_labels=labels,
+            cluster_labels=labels, tol=self.tol, max_iter=self.max_iter,
         )
         if self.verbose:
             _report(res)
@@ -313,7 +322,8 @@ def _report(res) -> None:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     message = (
-        f"SamplesLoss: {res.backend}, {res.n_iter} eps-scaling steps down to eps={res.eps:.3g}, "
+        f"SamplesLoss: {res.backend}, {res.n_iter} Sinkhorn updates ({res.n_softmin} softmin passes) "
+        f"down to eps={res.eps:.3g}, marginal error {_largest(res.marginal_error):.3g}, "
         f"last change of the potentials {res.max_change:.3g}"
     )
     if hasattr(res, "kept_fraction") and res.extrapolated:

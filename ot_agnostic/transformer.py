@@ -23,11 +23,14 @@ from sklearn.utils._array_api import check_same_namespace, get_namespace
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._array_api import device_of, to_float
-from ._validation import check_p, check_positive, check_power, check_scaling, validate_measures
+from ._validation import (
+    check_max_iter, check_p, check_positive, check_power, check_scaling, check_tol, validate_measures,
+)
 from .backends import Method, Selection, parse_backend, select_backend
 from .costs import Cost
 from .divergences import sinkhorn, sinkhorn_divergence
-from .sinkhorn import refine_potentials
+from .sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL
+from .sinkhorn import ConvergenceWarning as SinkhornConvergenceWarning
 
 __all__ = ["OTTransformer", "REFERENCES"]
 
@@ -57,9 +60,9 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         The default suits standardised data (unit spread) and the "normal" target.
     reach : None (balanced OT) or a length: unbalanced OT, ``rho = reach**p``.
     scaling : eps-scaling ratio in (0, 1), for the warm start.
-    tol, max_iter : then Sinkhorn iterations at ``eps`` until no potential moves by more than
-        ``tol * eps`` (the plan's marginals are then right to about ``tol``, relative), at most
-        ``max_iter`` of them (a ``ConvergenceWarning`` says when that was not enough).
+    tol, max_iter : then Sinkhorn iterations at ``eps`` until the plan's marginal error is below
+        ``tol`` (L1, relative to the mass; see :func:`ot_agnostic.sinkhorn`), at most
+        ``max_iter`` of them (a scikit-learn ``ConvergenceWarning`` says when that was not enough).
     backend : as in :func:`ot_agnostic.sinkhorn` ("auto", "tensorized", "online", a plugin).
     n_target_samples : how many samples a named ``target`` draws (default: as many as ``X``
         has rows). Ignored for an array target.
@@ -74,7 +77,7 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     target_ : ``(M, D)`` array, the target samples.
     f_, g_ : ``(N,)`` and ``(M,)`` arrays, the dual potentials on ``source_`` and ``target_``.
     eps_ : float, the temperature ``blur**p``.
-    n_iter_ : int, Sinkhorn iterations run (eps-scaling, then at ``eps``).
+    n_iter_ : int, Sinkhorn updates run (eps-scaling, then at ``eps``; ``SinkhornResult.n_iter``).
     backend_ : str, the plugin and method that solved the problem (e.g. "numba/online").
     n_features_in_, feature_names_in_ : as in scikit-learn.
 
@@ -88,8 +91,8 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     (True, True)
     """
 
-    def __init__(self, target="normal", *, p=2, blur=0.1, reach=None, scaling=0.9, tol=1e-2,
-                 max_iter=2000, backend="auto", n_target_samples=None, random_state=None,
+    def __init__(self, target="normal", *, p=2, blur=0.1, reach=None, scaling=0.5, tol=DEFAULT_TOL,
+                 max_iter=DEFAULT_MAX_ITER, backend="auto", n_target_samples=None, random_state=None,
                  score_blur=None):
         self.target = target
         self.p = p
@@ -107,21 +110,23 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         """Solve entropic OT between the rows of ``X`` and the target; returns ``self``."""
-        p, blur, reach, scaling, tol = self._check_params()
+        p, blur, reach, scaling, tol, max_iter = self._check_params()
         X = self._validate(X, reset=True)
         target = self._target_samples(X)
-        res = sinkhorn(X, target, p=p, blur=blur, reach=reach, scaling=scaling, debias=False, backend=self.backend)
-        f, g, rounds, change = refine_potentials(res, tol=tol, max_iter=self.max_iter)
-        if change > tol:
+        with warnings.catch_warnings():  # re-issued below as scikit-learn's ConvergenceWarning
+            warnings.simplefilter("ignore", SinkhornConvergenceWarning)
+            res = sinkhorn(X, target, p=p, blur=blur, reach=reach, scaling=scaling, debias=False,
+                           backend=self.backend, tol=tol, max_iter=max_iter)
+        if not res.converged:
             warnings.warn(
-                f"OTTransformer: the potentials still moved by {change:.2e} eps after max_iter="
-                f"{self.max_iter} Sinkhorn iterations (tol={self.tol}); raise max_iter, or blur.",
+                f"OTTransformer: the marginal error is still {res.marginal_error:.2e} after max_iter="
+                f"{max_iter} Sinkhorn iterations at eps (tol={self.tol}); raise max_iter, or blur.",
                 ConvergenceWarning, stacklevel=2,
             )
         self.source_, self.target_ = X, target
-        self.f_, self.g_ = f, g
+        self.f_, self.g_ = res.f, res.g
         self.eps_ = float(res.eps)
-        self.n_iter_ = res.n_iter + rounds
+        self.n_iter_ = res.n_iter
         self.backend_ = res.backend
         return self
 
@@ -165,15 +170,15 @@ class OTTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         check_power(blur, p, "blur", "eps")
         check_power(reach, p, "reach", "rho")
         parse_backend(self.backend)
-        tol = check_positive(self.tol, "tol")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            raise ValueError(f"max_iter must be a non-negative integer, got {self.max_iter!r}.")
+        if self.tol is None:
+            raise ValueError("tol must be a positive number: OTTransformer needs converged potentials.")
+        tol, max_iter = check_tol(self.tol), check_max_iter(self.max_iter)
         if self.n_target_samples is not None and (
             isinstance(self.n_target_samples, bool) or not isinstance(self.n_target_samples, (int, np.integer))
             or self.n_target_samples < 1
         ):
             raise ValueError(f"n_target_samples must be a positive integer or None, got {self.n_target_samples!r}.")
-        return p, blur, reach, check_scaling(self.scaling), tol
+        return p, blur, reach, check_scaling(self.scaling), tol, max_iter
 
     def _validate(self, X, *, reset, method="fit"):
         """scikit-learn's checks, in ``X``'s namespace; on later calls, ``X`` must come from the
