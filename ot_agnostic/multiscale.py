@@ -143,6 +143,27 @@ class MultiscaleProblem:
         geoms = self.extrapolation_geometries(pot.f_aa is not None, stop_gradient(self.x), stop_gradient(self.y))
         return _sinkhorn_step(geoms, pot, self.log_ac, self.log_bc, eps, damping)
 
+    def seen_from_centroids(self, pot: Potentials, eps, damping) -> Potentials:
+        """Point potentials carried to the centroids (their c-transforms at ``x_I``, ``y_J``:
+        ``f_I = d softmin_j(log b_j + g_j / eps)`` on ``C(x_I, y_j)``, ...), to re-truncate."""
+        xp = self.xp
+        x, y = stop_gradient(self.x), stop_gradient(self.y)
+        log_a, log_b = safe_log(stop_gradient(self.a), xp=xp), safe_log(stop_gradient(self.b), xp=xp)
+        f = damping * self.dense(self.xc, y).softmin(eps, log_b + pot.g_ab / eps)
+        g = damping * self.dense(self.yc, x).softmin(eps, log_a + pot.f_ba / eps)
+        if pot.f_aa is None:
+            return Potentials(f, g)
+        f_aa = damping * self.dense(self.xc, x).softmin(eps, log_a + pot.f_aa / eps)
+        g_bb = damping * self.dense(self.yc, y).softmin(eps, log_b + pot.g_bb / eps)
+        return Potentials(f, g, f_aa, g_bb)
+
+    def widen(self, keeps, pot: Potentials, eps, damping, truncate):
+        """``keeps`` plus the pairs the refined point potentials ``pot`` ask for (None if none)."""
+        wanted = self.keeps(self.seen_from_centroids(pot, eps, damping), eps, truncate)
+        if all(not (new & ~old).any() for old, new in zip(keeps, wanted)):
+            return None
+        return [old | new for old, new in zip(keeps, wanted)]
+
     def on_points(self, coarse: Potentials) -> Potentials:
         """Each point gets the coarse potential of its cluster (to measure a change)."""
         import numpy as np
@@ -193,6 +214,10 @@ class ItemSolution(NamedTuple):
     n_softmin: int
 
 
+#: Multiscale refinement checks the kept cluster pairs every so many updates.
+RETRUNCATE_EVERY = 50
+
+
 def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias, progress=None,
                precision: Precision | None = None) -> ItemSolution:
     """Run the two-scale loop on one item (then, with ``precision``, refine on the points)."""
@@ -230,12 +255,25 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
         if keeps is None:  # refine on the points, not on the clusters
             pot = jump_to_points(pot, eps, dampening(eps, rho))
             updates, passes = updates + 1, passes + per_step
-        report = None if progress is None else (lambda done, cap: progress(total - 1 + done, total + cap))
-        pot, refined, refine_passes = refine(
-            geoms, pot, log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b), eps, rho,
-            precision, xp=xp, progress=report,
-        )
-        updates, passes, total = updates + refined, passes + refine_passes, total + refined
+        budget = precision.max_iter
+        while budget > 0:
+            # Refine on the kept pairs in chunks; after each, keep the pairs the refined
+            # potentials ask for: those chosen from the unconverged potentials of the jump
+            # may not carry the converged plan (Sinkhorn on them would not converge).
+            chunk = Precision(precision.tol, min(budget, RETRUNCATE_EVERY))
+            report = None if progress is None else (
+                lambda done, cap, base=total: progress(base - 1 + done, base + budget))
+            pot, refined, refine_passes = refine(
+                geoms, pot, log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b), eps,
+                rho, chunk, xp=xp, progress=report,
+            )
+            updates, passes, total, budget = updates + refined, passes + refine_passes, total + refined, budget - refined
+            wider = None if truncate is None else problem.widen(keeps, pot, eps, dampening(eps, rho), truncate)
+            if wider is None and refined < chunk.max_iter:
+                break
+            if wider is not None:
+                keeps = wider
+                geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
     last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
     tracked = any(requires_grad(t) for t in (problem.x, problem.y))
     if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step

@@ -27,6 +27,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp, xlogy
 
 import ot_agnostic as oa
+from tests.dense_reference import cost_gradient, cost_matrix, dense_entropic_ot
 from tests.helpers import TOL, library_of, load_library, to_lib, to_numpy
 
 # --------------------------------------------------------------------------------------------
@@ -63,12 +64,6 @@ def rel_err(value, ref):
     return float(np.linalg.norm(value - ref) / np.linalg.norm(ref))
 
 
-def cost_matrix(x, y, p):
-    """Exact ``|x_i - y_j|^p / p`` in float64."""
-    d = cdist(np.asarray(x, np.float64), np.asarray(y, np.float64))
-    return d**2 / 2 if p == 2 else d
-
-
 def dense_kernel_norm(x, y, a, b, kernel):
     """``1/2 <a, K_xx a> + 1/2 <b, K_yy b> - <a, K_xy b>`` with exact distances (float64)."""
     k = {
@@ -88,46 +83,6 @@ def energy_dense(x, y, a, b):
 def soft_distance(z, pts, w, p, eps):
     """``s(z) = -eps log sum_i w_i exp(-C(z, pts_i) / eps)`` (float64)."""
     return -eps * logsumexp(-cost_matrix(z, pts, p) / eps, b=w[None, :], axis=1)
-
-
-def dense_entropic_ot(x, y, a, b, p, eps, rho=None, tol=1e-13, max_iter=50_000):
-    """Fully converged (un)balanced entropic OT on dense float64 matrices.
-
-    Alternating log-domain Sinkhorn ``f = -d eps log sum_j b_j exp((g_j - C_ij) / eps)``
-    with ``d = 1`` (balanced) or ``d = rho / (rho + eps)`` (KL marginal penalty ``rho``),
-    run until the potentials move by less than ``tol``. Returns ``(value, f, g, plan)`` where
-    ``value`` is the dual functional of DESIGN.md (its maximum at convergence):
-    ``-rho <a, e^{-f/rho} - 1> - rho <b, e^{-g/rho} - 1> - eps <a x b, e^{(f+g-C)/eps} - 1>``
-    (``<a, f> + <b, g> - ...`` when balanced).
-    """
-    C = cost_matrix(x, y, p)
-    log_a, log_b = np.log(a), np.log(b)
-    damp = 1.0 if rho is None else rho / (rho + eps)
-    f, g = np.zeros(len(a)), np.zeros(len(b))
-    for _ in range(max_iter):
-        f_new = -damp * eps * logsumexp(log_b[None, :] + (g[None, :] - C) / eps, axis=1)
-        g_new = -damp * eps * logsumexp(log_a[:, None] + (f_new[:, None] - C) / eps, axis=0)
-        change = max(np.abs(f_new - f).max(), np.abs(g_new - g).max())
-        f, g = f_new, g_new
-        if change < tol:
-            break
-    else:  # pragma: no cover - the reference itself must converge
-        raise AssertionError("the dense reference Sinkhorn did not converge")
-    plan = np.exp(log_a[:, None] + log_b[None, :] + (f[:, None] + g[None, :] - C) / eps)
-    penalty = eps * (plan.sum() - a.sum() * b.sum())
-    if rho is None:
-        return a @ f + b @ g - penalty, f, g, plan
-    value = -rho * (a @ (np.exp(-f / rho) - 1)) - rho * (b @ (np.exp(-g / rho) - 1)) - penalty
-    return value, f, g, plan
-
-
-def cost_gradient(x, y, plan, p):
-    """``sum_j plan_ij grad_x C(x_i, y_j)`` (float64), with ``grad |x - y| = 0`` at ``x = y``."""
-    diff = x[:, None, :] - y[None, :, :]
-    if p == 1:
-        norm = np.linalg.norm(diff, axis=2, keepdims=True)
-        diff = np.where(norm > 0, diff / np.where(norm > 0, norm, 1.0), 0.0)
-    return np.einsum("ij,ijd->id", plan, diff)
 
 
 def dense_unbalanced_divergence(x, y, a, b, p, blur, reach):
