@@ -251,22 +251,20 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
             progress(i + 1, total)
     eps = eps_list[-1]
     passes = per_step * updates
-    if precision is not None:
-        if keeps is None:  # refine on the points, not on the clusters
-            pot = jump_to_points(pot, eps, dampening(eps, rho))
-            updates, passes = updates + 1, passes + per_step
-        budget = precision.max_iter
+    if precision is not None and keeps is None:  # refine on the points, not on the clusters
+        pot = jump_to_points(pot, eps, dampening(eps, rho))
+        updates, passes = updates + 1, passes + per_step
+    a, b = stop_gradient(problem.a), stop_gradient(problem.b)
+    budget = 0 if precision is None else precision.max_iter
+    while True:
         while budget > 0:
             # Refine on the kept pairs in chunks; after each, keep the pairs the refined
             # potentials ask for: those chosen from the unconverged potentials of the jump
             # may not carry the converged plan (Sinkhorn on them would not converge).
             chunk = Precision(precision.tol, min(budget, RETRUNCATE_EVERY))
             report = None if progress is None else (
-                lambda done, cap, base=total: progress(base - 1 + done, base + budget))
-            pot, refined, refine_passes = refine(
-                geoms, pot, log_a, log_b, stop_gradient(problem.a), stop_gradient(problem.b), eps,
-                rho, chunk, xp=xp, progress=report,
-            )
+                lambda done, cap, base=total, left=budget: progress(base - 1 + done, base + left))
+            pot, refined, refine_passes = refine(geoms, pot, log_a, log_b, a, b, eps, rho, chunk, xp=xp, progress=report)
             updates, passes, total, budget = updates + refined, passes + refine_passes, total + refined, budget - refined
             wider = None if truncate is None else problem.widen(keeps, pot, eps, dampening(eps, rho), truncate)
             if wider is None and refined < chunk.max_iter:
@@ -274,22 +272,26 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
             if wider is not None:
                 keeps = wider
                 geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
-    last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
-    tracked = any(requires_grad(t) for t in (problem.x, problem.y))
-    if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step
-        geoms = problem.extrapolation_geometries(debias, stop_gradient(problem.x), stop_gradient(problem.y))
-        final = problem.extrapolation_geometries(debias, problem.x, problem.y) if tracked else geoms
-        before = problem.on_points(last)
-    else:
-        final = problem.fine_geometries(keeps, problem.x, problem.y) if tracked else geoms
-        before = last
-    out = _sinkhorn_step(final, last, log_a, log_b, eps, dampening(eps, rho))
+        last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
+        tracked = any(requires_grad(t) for t in (problem.x, problem.y))
+        if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step
+            geoms = problem.extrapolation_geometries(debias, stop_gradient(problem.x), stop_gradient(problem.y))
+            final = problem.extrapolation_geometries(debias, problem.x, problem.y) if tracked else geoms
+            before = problem.on_points(last)
+        else:
+            final = problem.fine_geometries(keeps, problem.x, problem.y) if tracked else geoms
+            before = last
+        out = _sinkhorn_step(final, last, log_a, log_b, eps, dampening(eps, rho))
+        error = step_errors(before, out, a, b, eps, xp=xp)[0]
+        updates, passes = updates + 1, passes + per_step
+        # The final update may still see an error above tol: refine again, within the budget.
+        if budget <= 0 or error <= precision.tol:
+            break
+        pot = last
     if progress is not None:
         progress(total, total)
-    a, b = stop_gradient(problem.a), stop_gradient(problem.b)
-    error = step_errors(before, out, a, b, eps, xp=xp)[0]
     return ItemSolution(out, last, _max_change(before, out, xp=xp), geoms, log_a, log_b, keeps,
-                        error, updates + 1, passes + per_step)
+                        error, updates, passes)
 
 
 def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scaling, debias,

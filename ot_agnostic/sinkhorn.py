@@ -171,10 +171,15 @@ def refine(geoms: Geometries, pot: Potentials, log_a, log_b, a, b, eps, rho, pre
             f_new = damping * geoms.xy.softmin(eps, log_b + g_new / eps)
             passes += 2
             mixing = [bool(active and col[k] > tol) for k, active in enumerate(active_cross)]
-            f_new = anderson.mix(f, f_new, mixing)
+            # Balanced: <a, f> + <b, T(f)> is the dual objective at (f, T(f)), which plain
+            # alternating updates never decrease: the safeguard of the mixed steps.
+            objective = None if rho is not None else to_host(xp.sum(a * f, axis=1) + xp.sum(b * g_new, axis=1))
+            f_new, rejected = anderson.mix(f, f_new, mixing, objective)
             mask = _mask(active_cross, xp=xp, like=f)
-            g, f = xp.where(mask, g_new, g), xp.where(mask, f_new, f)
-            active_cross = mixing
+            # a rejected item goes back to (F(f_k), g_k = T(f_k)): its previous g
+            keep_g = _mask([bool(r) for r in rejected], xp=xp, like=f)
+            g, f = xp.where(mask & ~keep_g, g_new, g), xp.where(mask, f_new, f)
+            active_cross = [bool(m or r) for m, r in zip(mixing, rejected)]
         if any(active_self):
             aa = damping * geoms.xx.softmin(eps, log_a + f_aa / eps)
             bb = damping * geoms.yy.softmin(eps, log_b + g_bb / eps)
@@ -186,52 +191,89 @@ def refine(geoms: Geometries, pot: Potentials, log_a, log_b, a, b, eps, rho, pre
             active_self = [bool(active and err[k] > tol) for k, active in enumerate(active_self)]
         if progress is not None:
             progress(updates, precision.max_iter)
-    return Potentials(f, g, f_aa, g_bb), updates, passes
+    return Potentials(anderson.validated(f), g, f_aa, g_bb), updates, passes
 
 
 class Anderson:
-    """Anderson mixing (type II, ``memory`` past iterates) for the fixed point ``f = F(f)``.
+    """Safeguarded Anderson mixing (type II, ``memory`` past iterates) for ``f = F(f)``.
 
     With the residuals ``r_k = F(f_k) - f_k`` and their differences ``dR``, ``dF`` over the
     last ``memory`` steps, the next iterate is ``F(f_k) - dF gamma`` where ``gamma``
     minimises ``|r_k - dR gamma|`` in the ``a``-weighted norm (a tiny ridge keeps it
-    well posed). Per batch item; an item that does not mix (``mixing[k]`` False) takes the
-    plain update and forgets its history, as does one whose residual grows tenfold over
-    the best seen (a safeguard: Anderson is not monotone).
+    well posed). Per batch item. The safeguard: a mixed iterate whose residual is larger
+    than ``growth`` times that of the iterate it came from is rejected: the item goes back
+    to the plain update ``F(f_k)`` and forgets its history (far from the fixed point, or
+    when the least-squares problem is ill-conditioned, a mixed step can jump far off; plain
+    Sinkhorn then keeps the iteration convergent). An item that does not mix
+    (``mixing[k]`` False) takes the plain update and forgets its history too.
     """
 
-    def __init__(self, weights, *, xp, memory: int = 5):
-        self.w, self.xp, self.memory = weights, xp, memory
+    def __init__(self, weights, *, xp, memory: int = 5, growth: float = 2.0):
+        self.w, self.xp, self.memory, self.growth = weights, xp, memory, growth
         self.images, self.residuals = [], []
-        self.best = None
+        self.fallback = self.f_before = self.last_norm = self.last_objective = self.mixed = None
 
-    def mix(self, f, image, mixing):
+    def mix(self, f, image, mixing, objective=None):
+        """The next iterate after ``f`` (``image = F(f)``) and the ``(B,)`` rejected flags.
+
+        ``objective``: optionally, ``(B,)`` values at ``f`` of a function that plain updates
+        never decrease (the balanced dual): a mixed iterate that lowers it is rejected too.
+        """
         import numpy as np
 
         xp = self.xp
+        norm = to_host(xp.sum(self.w * (image - f) ** 2, axis=1))
+        reject = np.zeros(norm.shape, dtype=bool)
+        if self.last_norm is not None:
+            reject = self.mixed & (norm > self.growth**2 * self.last_norm)
+            if objective is not None and self.last_objective is not None:
+                slack = 64 * np.finfo(np.dtype(str(f.dtype).split(".")[-1])).eps * (np.abs(objective) + np.abs(self.last_objective))
+                reject |= self.mixed & (objective < self.last_objective - slack)
+        if reject.any():  # back to F(f_k); f_k's residual (and objective) stay the reference
+            back = _mask(reject.tolist(), xp=xp, like=f)
+            image = xp.where(back, self.fallback, image)
+            f = xp.where(back, self.f_before, f)
+            norm = np.where(reject, self.last_norm, norm)
+            if objective is not None:
+                objective = np.where(reject, self.last_objective, objective)
+        self.last_objective = objective
         residual = image - f
-        norm = to_host(xp.sum(self.w * residual * residual, axis=1))
-        self.best = norm if self.best is None else np.minimum(self.best, norm)
-        restart = [not m or norm[k] > 100 * self.best[k] for k, m in enumerate(mixing)]
-        if any(restart) and self.residuals:
-            keep = _mask([not r for r in restart], xp=xp, like=f)
+        restart = reject | ~np.asarray(mixing, dtype=bool)
+        if restart.any() and self.residuals:
+            keep = _mask((~restart).tolist(), xp=xp, like=f)
             self.images = [xp.where(keep, v, image) for v in self.images]
             self.residuals = [xp.where(keep, v, residual) for v in self.residuals]
         self.images = (self.images + [image])[-(self.memory + 1):]
         self.residuals = (self.residuals + [residual])[-(self.memory + 1):]
+        self.fallback, self.f_before, self.last_norm = image, f, norm
+        self.mixed = ~restart & (len(self.residuals) >= 3)
         if len(self.residuals) < 3:
-            return image
+            return image, reject
+        return xp.where(_mask(self.mixed.tolist(), xp=xp, like=f), self._extrapolate(image, residual), image), reject
+
+    def validated(self, f):
+        """``f``, where the last iterate was a mixed one that no update has checked yet: the
+        plain update it was mixed from (the loop stopped at ``max_iter``)."""
+        if self.mixed is None or not self.mixed.any():
+            return f
+        return self.xp.where(_mask(self.mixed.tolist(), xp=self.xp, like=f), self.fallback, f)
+
+    def _extrapolate(self, image, residual):
+        """``F(f_k) - dF gamma`` for every item (see the class docstring)."""
+        import numpy as np
+
+        xp = self.xp
         dR = xp.stack([r1 - r0 for r0, r1 in zip(self.residuals[:-1], self.residuals[1:])], axis=1)
         dF = xp.stack([v1 - v0 for v0, v1 in zip(self.images[:-1], self.images[1:])], axis=1)
         weighted = dR * self.w[:, None, :]
         gram = to_host(xp.matmul(weighted, xp.permute_dims(dR, (0, 2, 1)))).astype(np.float64)
         rhs = to_host(xp.sum(weighted * residual[:, None, :], axis=2)).astype(np.float64)
-        usable = np.isfinite(gram).all(axis=(1, 2)) & np.isfinite(rhs).all(axis=1) & ~np.asarray(restart)
+        usable = np.isfinite(gram).all(axis=(1, 2)) & np.isfinite(rhs).all(axis=1)
         gram[~usable], rhs[~usable] = np.eye(gram.shape[1]), 0.0
         ridge = 1e-10 * np.trace(gram, axis1=1, axis2=2)[:, None, None] + 1e-300
         gamma = np.linalg.solve(gram + ridge * np.eye(gram.shape[1]), rhs[:, :, None])[:, :, 0]
         gamma[~np.isfinite(gamma).all(axis=1)] = 0.0
-        gamma = xp.asarray(gamma, dtype=f.dtype, device=device_of(f))
+        gamma = xp.asarray(gamma, dtype=image.dtype, device=device_of(image))
         return image - xp.sum(gamma[:, :, None] * dF, axis=1)
 
 
@@ -276,17 +318,26 @@ def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, a, b, eps_
             progress(i + 1, total)
     eps = eps_list[-1]
     updates, passes = 1 + len(eps_list), per_step * (1 + len(eps_list))
-    if precision is not None:
-        report = None if progress is None else (lambda done, cap: progress(total - 1 + done, total + cap))
-        pot, refined, refine_passes = refine(geoms, pot, log_a, log_b, a, b, eps, rho, precision, xp=xp, progress=report)
-        updates, passes = updates + refined, passes + refine_passes
-        total += refined
-    last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
-    out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
+    budget = 0 if precision is None else precision.max_iter
+    while True:
+        if budget > 0:
+            report = None if progress is None else (
+                lambda done, cap, base=total: progress(base - 1 + done, base + cap))
+            pot, refined, refine_passes = refine(
+                geoms, pot, log_a, log_b, a, b, eps, rho, Precision(precision.tol, budget), xp=xp, progress=report)
+            updates, passes, total, budget = updates + refined, passes + refine_passes, total + refined, budget - refined
+        last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
+        out = _sinkhorn_step(final, last, stop_gradient(log_a), stop_gradient(log_b), eps, dampening(eps, rho))
+        errors = step_errors(last, out, a, b, eps, xp=xp)
+        updates, passes = updates + 1, passes + per_step
+        # The final update may still see an error above tol (refine's test is on the last
+        # update it made): then refine again, within the budget.
+        if budget <= 0 or max(errors) <= precision.tol:
+            break
+        pot = last
     if progress is not None:
         progress(total, total)
-    errors = step_errors(last, out, a, b, eps, xp=xp)
-    return LoopOutput(out, last, _max_change(last, out, xp=xp), errors, updates + 1, passes + per_step)
+    return LoopOutput(out, last, _max_change(last, out, xp=xp), errors, updates, passes)
 
 
 def sinkhorn_cost(eps, rho, a, b, pot: Potentials, *, debias: bool, xp):
