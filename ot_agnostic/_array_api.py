@@ -88,7 +88,11 @@ def to_host(x):
         return x.detach().cpu().numpy()
     if array_api_compat.is_cupy_array(x):
         return x.get()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except RuntimeError:  # e.g. array-api-strict's non-default devices: via the default one
+        default = array_api_compat.array_namespace(x).__array_namespace_info__().default_device()
+        return np.asarray(x.to_device(default))
 
 
 def requires_grad(x) -> bool:

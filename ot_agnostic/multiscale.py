@@ -338,13 +338,16 @@ def solve_multiscale(measures, selection, cost, *, blur, reach, diameter, scalin
         scale = float(cluster_scale)
     jump = jump_index(eps_list, scale, p)
 
-    items = []
+    items, finished = [], [0]
     for k in range(B):
         problem = MultiscaleProblem(
             measures.x[k, ...], measures.y[k, ...], measures.a[k, ...], measures.b[k, ...], cost,
             selection.plugin, scale, xp=xp, labels=None if labels is None else (labels[0][k, ...], labels[1][k, ...]),
         )
-        items.append((problem, solve_item(problem, eps_list, rho, jump, truncate, debias, _item_progress(progress, k, B), precision)))
+        report = _item_progress(progress, k, B, finished)
+        items.append((problem, solve_item(problem, eps_list, rho, jump, truncate, debias, report, precision)))
+        if report is not None:
+            finished[0] += report.last[1]
     values = [sinkhorn_cost(eps, rho, problem.a, problem.b, sol.pot, debias=debias, xp=xp) for problem, sol in items]
     value = xp.concat(values, axis=0)
 
@@ -448,11 +451,21 @@ class MultiscaleResult(SinkhornResult):
         return Gradients(*(m.unbatch(stop_gradient(xp.concat(g, axis=0))) for g in zip(*parts)))
 
 
-def _item_progress(progress, k, B):
-    """``progress(done, total)`` over the whole batch, from item ``k``'s own count."""
+def _item_progress(progress, k, B, finished):
+    """``progress(done, total)`` over the whole batch, from item ``k``'s own count.
+
+    ``finished``: a one-element list, the steps of the items already done (their totals
+    vary when refining to ``tol``); the items still to come are counted like this one.
+    """
     if progress is None:
         return None
-    return lambda done, total: progress(k * total + done, B * total)
+
+    def report(done, total):
+        progress(finished[0] + done, finished[0] + (B - k) * total)
+        report.last = (done, total)
+
+    report.last = (0, 0)
+    return report
 
 
 def _inverse(perm, xp):

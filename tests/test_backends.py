@@ -443,8 +443,10 @@ def test_torch_autograd_through_p1_cost_matrix_is_finite(D):
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        ("sinkhorn_divergence", {"p": 1, "blur": 0.1}),
-        ("sinkhorn_divergence", {"p": 1, "blur": 0.1, "reach": 1.0}),
+        # tol=None: GeomLoss's schedule keeps x = y exactly symmetric (refined to a tol, the
+        # cross and self problems take different iterations: 0 only to the refinement's error)
+        ("sinkhorn_divergence", {"p": 1, "blur": 0.1, "tol": None}),
+        ("sinkhorn_divergence", {"p": 1, "blur": 0.1, "reach": 1.0, "tol": None}),
         ("energy_distance", {}),
         ("laplacian_mmd", {"blur": 0.5}),
         ("hausdorff_divergence", {"p": 1, "blur": 0.1}),

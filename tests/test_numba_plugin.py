@@ -48,7 +48,7 @@ def test_numpy_goes_to_numba_for_auto_and_online():
 @pytest.mark.parametrize("batched", [False, True])
 def test_sinkhorn_matches_the_array_api_reference(rng, dtype, p, reach, debias, batched):
     x, y, a, b = _data(rng, dtype, batched, unbalanced=reach is not None)
-    kw = dict(p=p, reach=reach, debias=debias, blur=0.05, scaling=0.7)
+    kw = dict(p=p, reach=reach, debias=debias, blur=0.05, scaling=0.7, tol=None)  # same schedule: same numbers
     fast = ota.sinkhorn(x, y, a, b, backend="online", **kw)
     ref = ota.sinkhorn(x, y, a, b, backend="tensorized", **kw)
     assert fast.backend == "numba/online" and ref.backend == "array_api/tensorized"

