@@ -504,11 +504,11 @@ class SinkhornResult:
     def plan_rows(self, start: int = 0, stop: int | None = None):
         """Rows ``start:stop`` of the plan ``pi_ij = a_i b_j exp((f_i + g_j - C(x_i, y_j)) / eps)``.
 
-        Computed from the potentials; costs ``O((stop - start) * M)`` memory. The potentials
-        come from one final update at ``eps``, so the marginals of the plan match ``a`` and
-        ``b`` only up to a factor ``exp(+-max_change / eps)``: use ``scaling`` closer to 1
-        for tighter marginals.
+        Computed from the potentials; costs ``O((stop - start) * M)`` memory. Its marginals
+        match ``a`` and ``b`` to ``marginal_error`` (L1, relative to the mass; balanced OT);
+        a :class:`ConvergenceWarning` says when that is above ``tol``.
         """
+        self._warn_if_unconverged("plan")
         state = self._state
         xp, geom = state.measures.xp, state.geoms.xy
         N = geom.shape[1]

@@ -222,6 +222,7 @@ def test_softmin_with_the_same_points_on_both_sides():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:this (gradient|plan) comes from potentials:UserWarning")  # tol=None on purpose
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("reach", [None, 0.3])

@@ -272,6 +272,7 @@ def test_auto_goes_multiscale_only_for_large_low_dimensional_problems():
     assert str(select_backend(np, x, "auto", (1, 10**4, 10**4, 3))) == "numba/online"
 
 
+@pytest.mark.filterwarnings("ignore:this (gradient|plan) comes from potentials:UserWarning")  # tol=None on purpose
 def test_same_numbers_as_geomloss_multiscale(keops):
     """Same clusters, schedule, jump and truncation as GeomLoss's multiscale backend."""
     import torch

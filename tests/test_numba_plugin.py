@@ -41,6 +41,7 @@ def test_numpy_goes_to_numba_for_auto_and_online():
     assert PLUGINS[-1].id is PluginId.ARRAY_API  # the fallback closes the list
 
 
+@pytest.mark.filterwarnings("ignore:this (gradient|plan) comes from potentials:UserWarning")  # tol=None on purpose
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("reach", [None, 0.3])

@@ -306,6 +306,7 @@ def test_zero_weights_give_zero_rows_and_columns(lib, dtype):
     assert plan.sum() == pytest.approx(1.0, rel=0.05)
 
 
+@pytest.mark.filterwarnings("ignore:this (gradient|plan) comes from potentials:UserWarning")  # tol=None on purpose
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("reach", [None, 0.5])
 def test_plan_and_raw_ot_value_satisfy_the_primal_formula(p, reach):
