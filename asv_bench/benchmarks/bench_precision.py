@@ -4,7 +4,7 @@ Same data as the suite (``common.clouds``: float32 uniform cube, D = 3, p = 2, b
 N = M = 5000 (the largest of ``common.SIZES``). Each class times the call and tracks the
 softmin passes it made (reductions over the N x M or N x N pairs) and its relative error
 against the converged value (ours in float64 with ``tol=1e-7``, computed in the track method
-only). ``scripts/bench_precision.py`` runs the full comparison (GeomLoss ladders, POT,
+only). ``benchmarks_scripts/precision_vs_anchors.py`` runs the full comparison (GeomLoss ladders, POT,
 OTT-JAX, N = 10^4).
 
 * ``ConvergedDivergence``: ``ota.sinkhorn(x, y, blur=0.05, scaling=0.5, tol=tol)`` on NumPy

@@ -32,9 +32,9 @@ best of ``--repeat`` calls after a warm-up call (Numba, KeOps and XLA compile on
 Run (from the repository root; set ``KEOPS_CACHE_FOLDER`` and ``NUMBA_CACHE_DIR`` to keep
 the compiled kernels)::
 
-    .venv/bin/python scripts/bench_precision.py --quick             # smoke run, N = 1000, cap 60 s
-    .venv/bin/python scripts/bench_precision.py                     # N = 10,000 (hours with POT)
-    .venv/bin/python scripts/bench_precision.py --skip pot --blurs 0.05 --out /tmp/p.json
+    .venv/bin/python benchmarks_scripts/precision_vs_anchors.py --quick             # smoke run, N = 1000, cap 60 s
+    .venv/bin/python benchmarks_scripts/precision_vs_anchors.py                     # N = 10,000 (hours with POT)
+    .venv/bin/python benchmarks_scripts/precision_vs_anchors.py --skip pot --blurs 0.05 --out /tmp/p.json
 """
 
 from __future__ import annotations
