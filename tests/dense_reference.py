@@ -66,7 +66,8 @@ def dense_entropic_ot(x, y, a, b, p, eps, rho=None, tol=1e-13, max_iter=200_000)
     (``<a, f> + <b, g> - ...`` when balanced).
     """
     C = cost_matrix(x, y, p)
-    log_a, log_b = np.log(a), np.log(b)
+    with np.errstate(divide="ignore"):  # zero weights: log 0 = -inf drops them from the sums
+        log_a, log_b = np.log(a), np.log(b)
     f, g = np.zeros(len(a)), np.zeros(len(b))
     level = max(C.max(), eps)
     while level > eps:

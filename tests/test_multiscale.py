@@ -295,6 +295,7 @@ def _bins(points, side):
     return cells[:, 0] * 10_000 + cells[:, 1] * 100 + cells[:, 2]
 
 
+@pytest.mark.filterwarnings("ignore:this (gradient|plan) comes from potentials:UserWarning")  # tol=None on purpose
 def test_cluster_labels_of_the_grid_give_the_grid_numbers():
     rng = np.random.default_rng(8)
     x, y = rng.random((800, 3)), rng.random((700, 3)) * 0.9 + 0.05
