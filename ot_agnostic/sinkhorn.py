@@ -460,7 +460,7 @@ class SinkhornResult:
     n_softmin : the number of softmin reductions these updates ran (2 per update of
         ``OT(a, b)``, 2 more per update of the debiasing terms).
     marginal_error : the measured error of the last update, per batch item the largest of
-        :func:`scaling_error` over the potentials: for balanced OT, the L1 violation of the
+        :func:`~ot_agnostic.sinkhorn.scaling_error` over the potentials: for balanced OT, the L1 violation of the
         marginals by the plan, relative to the mass (float, or ``(B,)`` NumPy array).
     converged : ``marginal_error <= tol`` (``DEFAULT_TOL`` when ``tol=None``); bool or ``(B,)``.
     tol : the requested precision (None: GeomLoss's fixed schedule).
