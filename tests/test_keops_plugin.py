@@ -34,7 +34,6 @@ from ot_agnostic.backends import PluginId, select_backend  # noqa: E402
 from ot_agnostic.backends import keops as keops_plugin  # noqa: E402
 from ot_agnostic.backends.array_api import ArrayAPIPlugin, DenseGeometry  # noqa: E402
 from ot_agnostic.backends.keops import KEOPS_MIN_ENTRIES, KeOpsGeometry, KeOpsPlugin  # noqa: E402
-from ot_agnostic.backends.numba_cpu import NumbaPlugin  # noqa: E402
 from ot_agnostic.costs import Cost, Kernel  # noqa: E402
 
 RTOL = {"float32": 1e-4, "float64": 1e-5}
@@ -80,12 +79,20 @@ def _geometries(x, y, cost):
 # ----------------------------------------------------------------------------------------
 
 
-def test_registered_between_numba_and_the_fallback():
+def test_registered_after_numba_cpu_and_before_numba_cuda():
+    """torch CPU tensors go to the Numba CPU kernels first; CUDA tensors to KeOps, then to
+    the Numba CUDA kernels (see ot_agnostic.backends)."""
     ids = [plugin.id for plugin in backends.PLUGINS]
-    assert ids == [PluginId.NUMBA, PluginId.NUMBA_CUDA, PluginId.KEOPS, PluginId.ARRAY_API]
+    assert ids == [PluginId.NUMBA, PluginId.KEOPS, PluginId.NUMBA_CUDA, PluginId.ARRAY_API]
 
 
-def test_torch_goes_to_keops_for_online_and_large_auto():
+@pytest.fixture
+def keops_first(monkeypatch):
+    """The registry a torch CUDA tensor sees (no Numba CPU plugin in front of KeOps)."""
+    monkeypatch.setattr(backends, "PLUGINS", [KeOpsPlugin(), ArrayAPIPlugin()])
+
+
+def test_keops_takes_online_and_large_auto_when_first(keops_first):
     x = torch.zeros(1, 4, D)
     xp = array_api_compat.array_namespace(x)
     assert str(select_backend(xp, x, "online", (1, 4, 4, D))) == "keops/online"
@@ -232,7 +239,7 @@ def test_sinkhorn_values_potentials_and_autograd_match_tensorized(dtype, p, reac
     data = _data(dtype, batched, unbalanced=reach is not None, seed=p)
     kw = dict(p=p, reach=reach, debias=debias, blur=0.05, scaling=0.7, tol=None)  # same schedule: same numbers
     results, grads = [], []
-    for backend in ("online", "tensorized"):
+    for backend in ("keops/online", "tensorized"):
         leaves = [t.clone().requires_grad_(True) for t in data]
         res = ota.sinkhorn(*leaves, backend=backend, **kw)
         res.value.sum().backward()
@@ -266,7 +273,7 @@ def test_sinkhorn_values_potentials_and_autograd_match_tensorized(dtype, p, reac
 def test_kernel_losses_and_hausdorff_match_tensorized(dtype, loss, kw):
     data = _data(dtype, batched=True)
     values, grads = [], []
-    for backend in ("online", "tensorized"):
+    for backend in ("keops/online", "tensorized"):
         leaves = [t.clone().requires_grad_(dtype == "float64") for t in data]
         values.append(loss(*leaves, backend=backend, **kw))
         if dtype == "float64":  # autograd through kernel_sum / softmin in points and weights
@@ -283,7 +290,7 @@ def test_kernel_losses_and_hausdorff_match_tensorized(dtype, loss, kw):
 
 def test_transport_map_matches_the_dense_plan():
     x, y, a, b = _data("float64", batched=False)
-    res = ota.sinkhorn(x, y, a, b, backend="online")
+    res = ota.sinkhorn(x, y, a, b, backend="keops/online")
     assert res.backend == "keops/online"
     state = res._state
     mapped = state.geoms.xy.softmax_weighted_sum(res.eps, state.log_b + state.pot.g_ab / res.eps, state.measures.y)
@@ -309,7 +316,7 @@ def test_gradcheck_float64():
     y = torch.from_numpy(rng.random((5, D)) + 0.3).requires_grad_(True)
     a = torch.from_numpy(rng.random(5) + 0.5).requires_grad_(True)
     b = torch.from_numpy(rng.random(5) + 0.5).requires_grad_(True)
-    kw = dict(blur=2.0, diameter=3.0, scaling=0.99, backend="online")
+    kw = dict(blur=2.0, diameter=3.0, scaling=0.99, backend="keops/online")
     assert ota.sinkhorn(x, y, **kw).backend == "keops/online"
     check = dict(eps=1e-6, fast_mode=True)
     for p in (1, 2):  # balanced: weights stay fixed (a single weight cannot move alone)
@@ -326,7 +333,7 @@ def test_coincident_points_give_zero_gradient():
     x, _, _, _ = _data("float64", batched=False)
     leaf = x.clone().requires_grad_(True)
     for loss, kw in [(ota.sinkhorn_divergence, {"p": 1, "blur": 0.1, "tol": None}), (ota.energy_distance, {})]:
-        value = loss(leaf, x.clone(), backend="online", **kw)
+        value = loss(leaf, x.clone(), backend="keops/online", **kw)
         (grad,) = torch.autograd.grad(value, [leaf])
         assert abs(float(value.detach())) < 1e-12
         assert torch.isfinite(grad).all() and float(grad.abs().max()) < 1e-10
@@ -339,9 +346,10 @@ def test_coincident_points_give_zero_gradient():
 
 @pytest.fixture
 def fresh_plugins(monkeypatch):
-    """A registry with a KeOps plugin that has not tried to load yet."""
+    """A registry with a KeOps plugin that has not tried to load yet, first for torch tensors
+    (as for CUDA tensors without the Numba CUDA kernels)."""
     plugin = KeOpsPlugin()
-    monkeypatch.setattr(backends, "PLUGINS", [NumbaPlugin(), plugin, ArrayAPIPlugin()])
+    monkeypatch.setattr(backends, "PLUGINS", [plugin, ArrayAPIPlugin()])
     return plugin
 
 
@@ -414,17 +422,18 @@ def test_cpu_tensors_never_initialise_cuda():
         """
         import torch, ot_agnostic as ota
         x = torch.rand(30, 3, requires_grad=True)
-        res = ota.sinkhorn(x, torch.rand(20, 3), backend="online")
-        res.value.backward()
-        ota.energy_distance(x, torch.rand(20, 3), backend="online").backward()
-        print(res.backend, torch.cuda.is_initialized())
+        for backend in ("keops", "auto"):
+            res = ota.sinkhorn(x, torch.rand(20, 3), backend=backend)
+            res.value.backward()
+            ota.energy_distance(x, torch.rand(20, 3), backend=backend).backward()
+            print(res.backend, torch.cuda.is_initialized())
         """
     )
     env = dict(os.environ, KEOPS_CACHE_FOLDER=os.environ["KEOPS_CACHE_FOLDER"])
     env.pop("PYTHONPATH", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "keops/online False"
+    assert out.stdout.strip().splitlines()[-2:] == ["keops/online False", "numba/online False"]
 
 
 def _keops_binaries():

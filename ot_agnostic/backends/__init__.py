@@ -1,8 +1,11 @@
 """Backend plugins and the registry that picks one per call from the input arrays.
 
 The registry asks each registered plugin, in priority order, whether it supports the
-arrays and the requested method; the pure Array API plugin supports everything but
-``"multiscale"`` and closes the list, so every array library has a working path.
+arrays and the requested method; the pure Array API plugin closes the list, so every
+array library has a working path. The order makes the rules of ``backend="auto"``: NumPy
+arrays and torch CPU tensors run the Numba CPU kernels; torch CUDA tensors run KeOps when
+it imports and passes its self-test, else the Numba CUDA kernels; CuPy arrays run the
+Numba CUDA kernels; a KeOps formula cost runs KeOps, a cost function the Array API plugin.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ __all__ = [
 ]
 
 #: Plugins in priority order: faster, library-specific plugins go before the fallback.
-PLUGINS: list[Plugin] = [NumbaPlugin(), NumbaCudaPlugin(), KeOpsPlugin(), ArrayAPIPlugin()]
+PLUGINS: list[Plugin] = [NumbaPlugin(), KeOpsPlugin(), NumbaCudaPlugin(), ArrayAPIPlugin()]
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ def method_error(plugin_id: PluginId, method: Method, methods: tuple[Method, ...
 
 
 def log_fallback_once(warned: set, key, error: Exception, logger) -> None:
-    """Log (once per ``key``) that a plugin is unusable and the pure Array API path takes over.
+    """Log (once per ``key``) that a plugin is unusable and the next one takes over (the pure
+    Array API path, or the Numba CUDA kernels for torch CUDA tensors when KeOps fails).
 
     An optional dependency that is simply not installed is the user's choice: INFO. One
     that is installed but broken (fails to import or its self-test): WARNING.
@@ -121,7 +122,7 @@ def log_fallback_once(warned: set, key, error: Exception, logger) -> None:
     if key not in warned:
         warned.add(key)
         level = logging.INFO if isinstance(error.__cause__, ModuleNotFoundError) else logging.WARNING
-        logger.log(level, "%s Falling back to the pure Array API backend.", error)
+        logger.log(level, "%s Falling back to the next backend (the result's .backend says which).", error)
 
 
 class BlockSparsity:

@@ -1,22 +1,30 @@
-"""The CuPy plugin: Numba CUDA kernels on the GPU, O(N + M) memory, one thread per row.
+"""The CUDA plugin: Numba CUDA kernels for CuPy arrays and torch CUDA tensors, O(N + M) memory.
 
-Runs CuPy float32/float64 arrays with up to ``MAX_DIM = 64`` coordinates through the
-kernels of :mod:`ot_agnostic.kernels.numba_cuda` ("online" only). Outputs are CuPy arrays
-allocated on the inputs' device; the kernels read and write CuPy memory in place (zero
-copy) and run on the inputs' device, on CuPy's current stream, without any host copy or
-synchronisation. ``numba.cuda`` is imported on first use only, and a one-time self-test per device
-(a tiny softmin: it compiles a kernel, so it also catches a missing libNVVM) guards
-against a broken installation; if it fails, ``backend="auto"`` falls back to the pure
-Array API backend with one logged warning on the ``"ot_agnostic"`` logger, and
-``backend="numba_cuda"`` raises the ``ImportError`` with the fix.
+Runs CuPy arrays and torch CUDA tensors (float32/float64, up to ``MAX_DIM = 64``
+coordinates) through the kernels of :mod:`ot_agnostic.kernels.numba_cuda` ("online" and
+"multiscale"). Outputs are arrays of the inputs' library allocated on their device; the
+kernels read and write that memory in place (zero copy, ``__cuda_array_interface__``) and
+run on the inputs' device, on the library's current stream (CuPy's, or
+``torch.cuda.current_stream()``), without any host copy or synchronisation. torch tensors
+get autograd through the ``torch.autograd.Function`` of
+:mod:`ot_agnostic.backends._torch_bridge`, whose backward passes run in the same kernels.
+
+Which plugin ``backend="auto"`` picks on a GPU: CuPy arrays always come here; torch CUDA
+tensors go to KeOps when pykeops imports and passes its self-test on that device (KeOps'
+CUDA reductions), and come here otherwise (no compiler needed); ``backend="numba_cuda"``
+insists on this plugin. ``numba.cuda`` is imported on first use only, and a one-time
+self-test per device (a tiny softmin: it compiles a kernel, so it also catches a missing
+libNVVM) guards against a broken installation; if it fails, ``backend="auto"`` falls back
+to the pure Array API backend with one logged warning on the ``"ot_agnostic"`` logger,
+and ``backend="numba_cuda"`` raises the ``ImportError`` with the fix.
 
 Kernels are compiled for each reduction, ``p``, dimension ``D`` and dtype when first used
 in a process (about a second each; they are not cached on disk).
 
-``NumbaCudaPlugin(host_arrays=True)`` also takes NumPy arrays (Numba copies them to the
-GPU and back around every launch): under Numba's CUDA simulator
+``NumbaCudaPlugin(host_arrays=True)`` also takes NumPy arrays and torch CPU tensors (Numba
+copies them to the GPU and back around every launch): under Numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``) they run on the CPU, which is how the tests check this
-plugin end to end without a GPU.
+plugin end to end, torch's autograd Function included, without a GPU.
 
 Examples
 --------
@@ -69,7 +77,9 @@ def load_kernels():
 
 
 class NumbaCudaGeometry:
-    """Point clouds ``x (B, N, D)``, ``y (B, M, D)`` (CuPy) whose reductions run in CUDA kernels."""
+    """Point clouds ``x (B, N, D)``, ``y (B, M, D)`` (CuPy, detached torch CUDA tensors, or NumPy
+    under the simulator) whose reductions run in CUDA kernels (no autograd: see
+    :class:`~._torch_bridge.TorchGeometry`)."""
 
     def __init__(self, x, y, cost, *, xp, kernels=None):
         self.xp, self.cost = xp, cost
@@ -83,9 +93,18 @@ class NumbaCudaGeometry:
         """On the inputs' device: a new ``out`` of ``shape`` and the stream to launch on.
 
         CuPy arrays: their device is made current (array_api_compat's CuPy ``empty`` ignores
-        ``device=``) and the stream is CuPy's current one. NumPy arrays (tests): the default.
+        ``device=``) and the stream is CuPy's current one. torch tensors: their device and
+        ``torch.cuda.current_stream()``. NumPy arrays (tests): the default.
         """
         dtype = self.x.dtype
+        if array_api_compat.is_torch_array(self.x):
+            import torch
+
+            device = self.x.device
+            with torch.cuda.device(device):
+                stream = self.kernels._cuda().external_stream(torch.cuda.current_stream(device).cuda_stream)
+                yield torch.empty(shape, dtype=dtype, device=device), stream
+            return
         if not array_api_compat.is_cupy_array(self.x):
             yield self.xp.empty(shape, dtype=dtype), 0
             return
@@ -146,7 +165,7 @@ class NumbaCudaBlockSparseGeometry(NumbaCudaGeometry):
         if self._ranges is None:
             per_block = rows_per_block_sparsity(self.sparsity, self.kernels.ROWS_PER_BLOCK)
             self._ranges = tuple(
-                self.xp.asarray(a, device=device_of(self.x)) if array_api_compat.is_cupy_array(self.x) else a
+                a if isinstance(self.x, np.ndarray) else self.xp.asarray(a, device=device_of(self.x))
                 for a in (per_block.col_ptr, per_block.col_ranges)
             )
         return self._ranges
@@ -199,9 +218,11 @@ def rows_per_block_sparsity(sparsity, rows: int):
 
 
 class NumbaCudaPlugin:
-    """Runs CuPy float32/float64 arrays (``D <= 64``) through Numba CUDA kernels ("online" only).
+    """Runs CuPy arrays and torch CUDA tensors (float32/float64, ``D <= 64``) through Numba CUDA
+    kernels ("online" and "multiscale").
 
-    ``host_arrays=True`` also accepts NumPy arrays (see the module notes: for tests).
+    ``host_arrays=True`` also accepts NumPy arrays and torch CPU tensors (see the module
+    notes: for tests).
     """
 
     id = PluginId.NUMBA_CUDA
@@ -220,10 +241,10 @@ class NumbaCudaPlugin:
     def unsupported_error(self, xp, x, method):
         if method not in (Method.AUTO, Method.ONLINE, Method.MULTISCALE):
             return method_error(self.id, method, (Method.ONLINE, Method.MULTISCALE))
-        gpu = array_api_compat.is_cupy_array(x) or (self.host_arrays and isinstance(x, np.ndarray))
-        if not gpu or dtype_name(x) not in SELF_TEST_RTOL:
+        if not self._takes(x) or dtype_name(x) not in SELF_TEST_RTOL:
             return ValueError(
-                f"the 'numba_cuda' backend runs CuPy float32/float64 arrays, not "
+                f"the 'numba_cuda' backend runs CuPy arrays and torch CUDA tensors (float32, "
+                f"float64), not "
                 f"{describe_arrays(x)}; pass backend='auto' (or 'online') to let ot_agnostic "
                 "pick the plugin."
             )
@@ -237,6 +258,14 @@ class NumbaCudaPlugin:
             self._errors[device] = self._check(x, xp)
         return self._errors[device]
 
+    def _takes(self, x) -> bool:
+        """Whether ``x`` is an array this plugin runs (GPU arrays; host arrays for tests)."""
+        if array_api_compat.is_cupy_array(x):
+            return True
+        if array_api_compat.is_torch_array(x):
+            return x.device.type == "cuda" or (self.host_arrays and x.device.type == "cpu")
+        return self.host_arrays and isinstance(x, np.ndarray)
+
     def _check(self, x, xp) -> ImportError | None:
         """``None`` when the kernels compile and pass a tiny softmin on ``x``'s device, else why not."""
         dtype = dtype_name(x)
@@ -247,7 +276,7 @@ class NumbaCudaPlugin:
             points[0, 1, 0] = 1.0  # y = (0, e_1), x = 0, uniform weights, eps = 1, p = 2
             y = xp.asarray(points.astype(dtype), device=device_of(x))
             h = xp.asarray(np.full((1, 2), math.log(0.5), dtype=dtype), device=device_of(x))
-            geom = NumbaCudaGeometry(y[:, :1, :], y, Cost(2), xp=xp, kernels=kernels)
+            geom = self.geometry(y[:, :1, :], y, Cost(2), Method.ONLINE, xp=xp, kernels=kernels)
             value = to_float(geom.softmin(1.0, h)[0, 0])
             expected = -math.log(0.5 + 0.5 * math.exp(-0.5))
             error = abs(value - expected) / expected
@@ -268,8 +297,33 @@ class NumbaCudaPlugin:
             return method
         return Method.MULTISCALE if prefers_multiscale(shape) else Method.ONLINE
 
-    def geometry(self, x, y, cost, method, *, xp):
-        return NumbaCudaGeometry(x, y, cost, xp=xp)
+    def geometry(self, x, y, cost, method, *, xp, kernels=None):
+        if not array_api_compat.is_torch_array(x):
+            return NumbaCudaGeometry(x, y, cost, xp=xp, kernels=kernels)
+        return _torch_geometry(x, y, cost, lambda xr, yr, rxp: NumbaCudaGeometry(xr, yr, cost, xp=rxp, kernels=kernels), xp=xp)
 
     def block_sparse_geometry(self, x, y, cost, sparsity, *, xp):
-        return NumbaCudaBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
+        if not array_api_compat.is_torch_array(x):
+            return NumbaCudaBlockSparseGeometry(x, y, cost, sparsity, xp=xp)
+        return _torch_geometry(
+            x, y, cost, lambda xr, yr, rxp: NumbaCudaBlockSparseGeometry(xr, yr, cost, sparsity, xp=rxp), xp=xp)
+
+
+def _torch_geometry(x, y, cost, make_raw, *, xp):
+    """A differentiable geometry of torch tensors over the raw CUDA geometry
+    ``make_raw(x_raw, y_raw, raw_xp)``: detached CUDA tensors, or NumPy views of CPU
+    tensors (the simulator)."""
+    import torch
+
+    from ._torch_bridge import TorchGeometry
+    from .numba_cpu import numpy_view
+
+    if x.device.type == "cpu":  # host arrays under the simulator
+        raw = make_raw(numpy_view(x), numpy_view(y), np)
+        return TorchGeometry(x, y, cost, raw, xp=xp, to_raw=numpy_view, from_raw=torch.from_numpy)
+    raw = make_raw(x.detach(), y.detach(), xp)
+    return TorchGeometry(x, y, cost, raw, xp=xp, to_raw=_same, from_raw=_same)
+
+
+def _same(t):
+    return t

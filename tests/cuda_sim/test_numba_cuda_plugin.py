@@ -151,10 +151,10 @@ def test_selection(cuda_plugin):
         select_backend(np, wide, "numba_cuda", (1, 4, 4, 65))
 
 
-def test_only_cupy_arrays_by_default():
+def test_only_gpu_arrays_by_default():
     plugin = NumbaCudaPlugin()
     error = plugin.unsupported_error(np, np.zeros((3, 2)), Method.AUTO)
-    assert isinstance(error, ValueError) and "CuPy float32/float64" in str(error)
+    assert isinstance(error, ValueError) and "CuPy arrays and torch CUDA tensors" in str(error)
     assert not plugin.supports(np, np.zeros((3, 2)), Method.ONLINE)
     error = NumbaCudaPlugin(host_arrays=True).unsupported_error(np, np.zeros((3, 2), np.float16), Method.AUTO)
     assert isinstance(error, ValueError)
