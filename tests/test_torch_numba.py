@@ -100,14 +100,20 @@ def test_autograd_equals_the_numpy_gradients(rng, batched, reach, debias, backen
 
 
 def test_float32_values_and_gradients_equal_the_numpy_path(rng):
-    """Same kernels in float32: 1e-5 relative (the loop's float32 rounding in two libraries)."""
+    """Same kernels in float32, but the two paths may sum in other orders (thread counts).
+
+    The value agrees to 1e-5 relative. A gradient a_i (x_i - T(x_i)) is a small difference of
+    O(1) coordinates: float32 potentials carry an absolute error of ~1e-7 * max cost, i.e. a
+    relative error of ~1e-7 * max cost / eps ~ 1e-4 in the plan's weights, so the transport map
+    moves by ~1e-4 of the diameter against displacements of ~0.1: 1e-3 relative.
+    """
     arrays, tensors = _numpy_and_torch(rng, N=200, M=150, dtype="float32")
     value, grads = ota.value_and_grad(*arrays, blur=0.05)
     out = ota.sinkhorn_divergence(*tensors, blur=0.05)
     out.backward()
     assert out.dtype == torch.float32 and _rel(out.detach(), value) <= 1e-5
     for tensor, expected in zip(tensors, grads):
-        assert tensor.grad.dtype == torch.float32 and _rel(tensor.grad, expected) <= 1e-4
+        assert tensor.grad.dtype == torch.float32 and _rel(tensor.grad, expected) <= 1e-3
 
 
 @pytest.mark.parametrize("reach", [None, 0.7])
@@ -270,4 +276,4 @@ def test_unconverged_warning_and_plan_on_torch(rng):
         warnings.simplefilter("error")
         plan = res.plan()
     assert isinstance(plan, torch.Tensor)
-    assert float((plan.sum(1) - a).abs().sum()) <= 1e-7
+    assert float((plan.sum(1) - a).detach().abs().sum()) <= 1e-7
