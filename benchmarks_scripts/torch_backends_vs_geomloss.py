@@ -69,7 +69,7 @@ def _torch_run(backend, device):
         value = ota.sinkhorn_divergence(xt, yt, backend=backend, tol=None, **SETTINGS)
         value.backward()
         _sync(device)
-        return float(value), xt.grad
+        return float(value.detach()), xt.grad
     return run
 
 
@@ -97,7 +97,7 @@ def _geomloss_run(backend, device):
         value = loss(xt, torch.as_tensor(y, device=device))
         value.backward()
         _sync(device)
-        return float(value), xt.grad
+        return float(value.detach()), xt.grad
     return run
 
 

@@ -38,21 +38,23 @@ class ValueAndGradNumPy(Base):
         value_and_grad(self.x, self.y)
 
 
-class BackwardKeOps(Base):
-    """``ota.sinkhorn_divergence(x, y, backend="keops/online").backward()`` on torch CPU float32."""
+class BackwardTorchNumba(Base):
+    """``ota.sinkhorn_divergence(x, y).backward()`` on torch CPU float32: ``"auto"`` runs the
+    Numba kernels through the autograd Function (``"numba/online"``); compare with
+    ``ValueAndGradNumPy`` (issue #14: within 1.3x)."""
 
     params = (SIZES,)
     param_names = ["n"]
+    backend = "auto"
 
     def setup(self, n):
-        require_keops()
+        require_numba()
         self.x, self.y = torch_clouds(n)
         self._run(self.x[:200], self.y[:200])
 
-    @staticmethod
-    def _run(x, y):
+    def _run(self, x, y):
         x = x.clone().requires_grad_()
-        ota.sinkhorn_divergence(x, y, p=P, blur=BLUR, scaling=SCALING, backend="keops/online").backward()
+        ota.sinkhorn_divergence(x, y, p=P, blur=BLUR, scaling=SCALING, backend=self.backend).backward()
         return x.grad
 
     def time_backward(self, n):
@@ -60,3 +62,14 @@ class BackwardKeOps(Base):
 
     def peakmem_backward(self, n):
         self._run(self.x, self.y)
+
+
+class BackwardKeOps(BackwardTorchNumba):
+    """``ota.sinkhorn_divergence(x, y, backend="keops/online").backward()`` on torch CPU float32."""
+
+    backend = "keops/online"
+
+    def setup(self, n):
+        require_keops()
+        self.x, self.y = torch_clouds(n)
+        self._run(self.x[:200], self.y[:200])
