@@ -296,28 +296,40 @@ class LoopOutput(NamedTuple):
     n_softmin: int
 
 
+def anneal(geoms: Geometries, pot: Potentials, log_a, log_b, eps_list, rho, progress=None) -> Potentials:
+    """The averaged updates ``f <- (f + softmin(g)) / 2`` (all potentials), one per temperature."""
+    for i, eps in enumerate(eps_list):
+        pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, dampening(eps, rho)))
+        if progress is not None:
+            progress(i + 1, len(eps_list) + 1)
+    return pot
+
+
 def sinkhorn_loop(geoms: Geometries, final: Geometries, log_a, log_b, a, b, eps_list, rho, *, xp,
-                  progress=None, precision: Precision | None = None) -> LoopOutput:
+                  progress=None, precision: Precision | None = None, start: Potentials | None = None,
+                  counts: tuple[int, int] = (0, 0)) -> LoopOutput:
     """Run eps-scaling on ``geoms``, refine at the last ``eps`` if ``precision`` asks, then
     update once more on ``final``.
 
     ``geoms`` hold gradient-free points; ``final`` holds the points that autograd tracks
     (each geometry tracks its first argument only, cf. the envelope theorem).
     ``progress(done, total)``, if given, is called after each step. ``a``, ``b``: the
-    weights (gradient-free), to measure the errors.
+    weights (gradient-free), to measure the errors. ``start``: potentials to begin from
+    (e.g. upsampled from a coarser grid) instead of one update from zero at
+    ``eps_list[0]``; ``counts``: the ``(updates, softmin passes)`` already spent on them.
     """
     per_step = 2 if geoms.xx is None else 4
-    zeros_x = xp.zeros_like(log_a)
-    zeros_y = xp.zeros_like(log_b)
-    start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if geoms.xx is not None else ()))
-    pot = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
+    updates, passes = counts
+    if start is None:
+        zeros_x = xp.zeros_like(log_a)
+        zeros_y = xp.zeros_like(log_b)
+        start = Potentials(zeros_x, zeros_y, *((zeros_x, zeros_y) if geoms.xx is not None else ()))
+        start = _sinkhorn_step(geoms, start, log_a, log_b, eps_list[0], dampening(eps_list[0], rho))
+        updates, passes = updates + 1, passes + per_step
     total = len(eps_list) + 1
-    for i, eps in enumerate(eps_list):
-        pot = _average(pot, _sinkhorn_step(geoms, pot, log_a, log_b, eps, dampening(eps, rho)))
-        if progress is not None:
-            progress(i + 1, total)
+    pot = anneal(geoms, start, log_a, log_b, eps_list, rho, progress)
     eps = eps_list[-1]
-    updates, passes = 1 + len(eps_list), per_step * (1 + len(eps_list))
+    updates, passes = updates + len(eps_list), passes + per_step * len(eps_list)
     budget = 0 if precision is None else precision.max_iter
     while True:
         if budget > 0:
@@ -415,6 +427,11 @@ def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log
     if debias:
         grad_x = grad_x - point_grad(geoms.xx, log_a + last.f_aa / eps, a, pot.f_aa)
         grad_y = grad_y - point_grad(geoms.yy, log_b + last.g_bb / eps, b, pot.g_bb)
+    return Gradients(grad_x, grad_y, *weight_gradients(pot, a, b, eps, rho, debias=debias, xp=xp))
+
+
+def weight_gradients(pot: Potentials, a, b, eps, rho, *, debias: bool, xp):
+    """``(dS/da, dS/db)``, ``(B, N)`` and ``(B, M)``: the weights' part of :func:`envelope_gradients`."""
     mass_a, mass_b = xp.sum(a, axis=1)[:, None], xp.sum(b, axis=1)[:, None]
     if rho is None and debias:
         grad_a, grad_b = pot.f_ba - pot.f_aa, pot.g_ab - pot.g_bb
@@ -427,7 +444,7 @@ def envelope_gradients(geoms: Geometries, last: Potentials, pot: Potentials, log
     else:
         grad_a = (rho + eps) * (1 - xp.exp(-pot.f_ba / rho)) + eps * (mass_b - 1)
         grad_b = (rho + eps) * (1 - xp.exp(-pot.g_ab / rho)) + eps * (mass_a - 1)
-    return Gradients(grad_x, grad_y, grad_a, grad_b)
+    return grad_a, grad_b
 
 
 #: ``SinkhornResult.plan()`` refuses to build dense plans with more entries than this.

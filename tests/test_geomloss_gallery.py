@@ -45,7 +45,7 @@ def _kmeans(x, K, iterations=10):
     return labels, c
 
 
-@pytest.mark.parametrize("N, K", [(10, 10), (30, 4)])
+@pytest.mark.parametrize("N, K", [(10, 10), pytest.param(30, 4, marks=pytest.mark.slow)])
 def test_cluster_script_labels_in_four_dimensions(keops, N, K):
     """K-means labels in D=4: with one point per cluster (the script's CPU size, N = K = 10)
     the cluster spread, hence ``cluster_scale``, is a 0-d tensor equal to 0."""
@@ -111,6 +111,7 @@ def _value_and_grads(loss, A, X, B, Y):
     return [value.detach(), *torch.autograd.grad(value, [a, b, x])]
 
 
+@pytest.mark.slow
 def test_kernel_truncation_script(keops):
     """Blurs 1, 1/2, ..., 1/256 with ``cluster_scale=0.2``: for blur >= 0.25 the loop never
     leaves the clusters and, as in GeomLoss, the final step is the extrapolation itself."""

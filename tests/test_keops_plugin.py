@@ -38,6 +38,13 @@ from ot_agnostic.costs import Cost, Kernel  # noqa: E402
 
 RTOL = {"float32": 1e-4, "float64": 1e-5}
 DTYPES = ["float32", "float64"]
+#: Each kernel is a KeOps formula to compile (~15 s in CI): the energy one runs by default,
+#: the Gaussian and Laplacian ones with the slow tests (``bash scripts/test.sh -m slow``).
+KERNELS_ONE_FAST = [
+    Kernel("energy"),
+    pytest.param(Kernel("gaussian", 0.3), marks=pytest.mark.slow),
+    pytest.param(Kernel("laplacian", 0.3), marks=pytest.mark.slow),
+]
 D = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +151,7 @@ def test_float16_tensors_run_in_float32_on_keops():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("p", [1, 2])
 def test_geometry_reductions_match_dense(dtype, p):
     x, y, _, _ = _data(dtype, batched=True)
@@ -170,7 +177,7 @@ def test_geometry_reductions_match_dense(dtype, p):
 # Kernel sums in float64 only: each (kernel, dtype) is one more KeOps formula to compile in CI
 # (~8 s each); float32 goes through the same formula text, and the softmin tests cover it.
 @pytest.mark.parametrize("dtype", ["float64"])
-@pytest.mark.parametrize("kernel", [Kernel("energy"), Kernel("gaussian", 0.3), Kernel("laplacian", 0.3)])
+@pytest.mark.parametrize("kernel", KERNELS_ONE_FAST)
 def test_kernel_sum_matches_dense(dtype, kernel):
     x, y, _, _ = _data(dtype, batched=True)
     v = torch.from_numpy(np.random.default_rng(1).normal(size=y.shape[:2]).astype(dtype))
@@ -197,7 +204,7 @@ def test_softmin_autograd_in_points_and_h_matches_dense(p):
         _close(mine, ref, "float64", factor=0.01)
 
 
-@pytest.mark.parametrize("kernel", [Kernel("energy"), Kernel("gaussian", 0.3), Kernel("laplacian", 0.3)])
+@pytest.mark.parametrize("kernel", KERNELS_ONE_FAST)
 def test_kernel_sum_autograd_in_points_and_weights_matches_dense(kernel):
     x, y, _, _ = _data("float64", batched=True)
     v = torch.from_numpy(np.random.default_rng(4).normal(size=y.shape[:2]))

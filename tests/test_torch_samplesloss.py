@@ -515,6 +515,7 @@ def test_cost_function_matches_geomloss_tensorized(geomloss, setting, backend):
     )
 
 
+@pytest.mark.slow
 def test_keops_formula_cost_matches_geomloss_online(keops):
     formula = "Sum(Abs(X-Y))"  # the l1 distance, as a KeOps formula
     data = make_data(7, weighted=True)
@@ -546,7 +547,7 @@ def test_formula_and_function_pair_runs_multiscale_on_keops():
     assert_close(xt.grad, xr.grad, 1e-8, "grad x")
 
 
-@pytest.mark.parametrize("backend", ["tensorized", "online"])
+@pytest.mark.parametrize("backend", ["tensorized", pytest.param("online", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("weighted, batched", [(True, False), (False, True)])
 def test_kernel_function_matches_geomloss(geomloss, backend, weighted, batched):
     if backend == "online":

@@ -42,6 +42,22 @@ def load_kernels():
         ) from err
 
 
+@contextlib.contextmanager
+def limited_threads(max_threads):
+    """At most ``max_threads`` Numba threads (None: Numba's own count) inside the block."""
+    if max_threads is None:
+        yield
+        return
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(before, max_threads)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 class NumbaGeometry:
     """Point clouds ``x (B, N, D)``, ``y (B, M, D)`` (NumPy) whose reductions run in Numba kernels."""
 
@@ -53,20 +69,8 @@ class NumbaGeometry:
         B, N, _ = self.x.shape
         self.shape = (B, N, self.y.shape[1])
 
-    @contextlib.contextmanager
     def _threads(self):
-        """At most ``max_threads`` Numba threads (None: Numba's own count) inside the block."""
-        if self.max_threads is None:
-            yield
-            return
-        import numba
-
-        before = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(before, self.max_threads)))
-        try:
-            yield
-        finally:
-            numba.set_num_threads(before)
+        return limited_threads(self.max_threads)
 
     def _h(self, h):
         return np.ascontiguousarray(h, dtype=self.x.dtype)
