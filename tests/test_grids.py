@@ -335,3 +335,92 @@ def test_a_grid_too_large_for_memory_is_refused():
     huge = np.broadcast_to(np.float32(1.0), (4096, 4096, 4096))
     with pytest.raises(MemoryError, match="GiB"):
         grids.sinkhorn(huge, huge, blur=1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Barycenters
+# ----------------------------------------------------------------------------------------
+
+
+def _images(rng, k, shape):
+    images = rng.random((k, *shape)) ** 3 + 1e-3
+    return images / images.sum(axis=tuple(range(1, images.ndim)), keepdims=True)
+
+
+def _dense_log_barycenter(images, weights, spacing, eps, iters):
+    """Plain dense log-domain IBP on the flattened grid (full cost matrix), a reference
+    written here: log c = sum_k w_k log K(a_k / K^T v_k)."""
+    shape = images.shape[1:]
+    axes = np.meshgrid(*(np.arange(n) * h for n, h in zip(shape, spacing)), indexing="ij")
+    points = np.stack([ax.reshape(-1) for ax in axes], axis=1)
+    log_k = -0.5 * ((points[:, None, :] - points[None, :, :]) ** 2).sum(-1) / eps
+    log_a = np.log(images.reshape(len(images), -1))
+    conv = lambda h: logsumexp(log_k[None] + h[:, None, :], axis=2)  # noqa: E731
+    g = np.zeros_like(log_a)
+    for _ in range(iters):
+        log_ku = conv(log_a - conv(g))
+        log_c = (weights[:, None] * log_ku).sum(0)
+        g = log_c[None] - log_ku
+    return np.exp(log_c).reshape(shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [None, [0.2, 0.5, 0.3]])
+def test_barycenter_matches_pot_convolutional_barycenters(rng, backend, weights):
+    """POT's log-domain solvers on the unit square: spacing 1/(n-1) per axis and
+    reg = 2 blur**2. Both sides converged (1e-9 and POT's 1e-12): 1e-6 of the peak."""
+    ot = pytest.importorskip("ot")
+    images = _images(rng, 3, (14, 11))
+    spacing = (1 / 13, 1 / 10)
+    blur = 0.08
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ot.bregman.convolutional_barycenter2d(images, 2 * blur**2, weights=None if weights is None else np.array(weights),
+                          method="sinkhorn_log", stopThr=1e-12, numItermax=20000)
+    result = grids.barycenter(images, weights, blur=blur, spacing=spacing, tol=1e-9,
+                              max_iter=20000, backend=backend)
+    assert result.converged and result.marginal_error <= 1e-9
+    assert result.density.shape == (14, 11)
+    np.testing.assert_allclose(result.density, expected, atol=1e-6 * expected.max(), rtol=0)
+
+
+def test_volume_barycenter_matches_a_dense_reference(rng):
+    """3-D grids have no POT reference: a dense IBP on the 60 voxels, same iterations."""
+    images = _images(rng, 2, (4, 3, 5))
+    weights = np.array([0.7, 0.3])
+    spacing = (1.0, 0.7, 1.2)
+    result = grids.barycenter(images, weights, blur=0.9, spacing=spacing, tol=1e-12, max_iter=20000)
+    expected = _dense_log_barycenter(images, weights, spacing, 0.81, result.n_iter)
+    np.testing.assert_allclose(result.density, expected, atol=1e-10, rtol=0)  # same updates, float64 round-off
+
+
+def test_barycenter_keeps_the_array_type(rng):
+    torch = pytest.importorskip("torch")
+    images = _images(rng, 2, (9, 8))
+    expected = grids.barycenter(images, blur=0.8).density
+    result = grids.barycenter(torch.from_numpy(images).float(), blur=0.8)
+    assert isinstance(result.density, torch.Tensor) and result.density.dtype == torch.float32
+    np.testing.assert_allclose(result.density.numpy(), expected, atol=1e-4 * expected.max())  # float32 sums
+
+
+def test_barycenter_warns_when_it_stops_early(rng):
+    images = _images(rng, 2, (12, 10))
+    with pytest.warns(ota.ConvergenceWarning, match="marginal error"):
+        result = grids.barycenter(images, blur=0.3, max_iter=3)
+    assert not result.converged and result.n_iter == 3 and result.marginal_error > 1e-5
+
+
+def test_barycenter_bad_input_says_what_is_wrong(rng):
+    images = _images(rng, 2, (6, 5))
+    with pytest.raises(ValueError, match="empty"):
+        grids.barycenter([], blur=1.0)
+    with pytest.raises(ValueError, match="equal masses"):
+        grids.barycenter([images[0], 2 * images[1]], blur=1.0)
+    with pytest.raises(ValueError, match="weights must be 2"):
+        grids.barycenter(images, [1.0, 2.0, 3.0], blur=1.0)
+    with pytest.raises(ValueError, match="weights must be 2"):
+        grids.barycenter(images, [1.0, -1.0], blur=1.0)
+    with pytest.raises(ValueError, match="needs a tol"):
+        grids.barycenter(images, blur=1.0, tol=None)
+    with pytest.raises(ValueError, match="negative"):
+        grids.barycenter(-images, blur=1.0)
