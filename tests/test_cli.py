@@ -423,3 +423,47 @@ def test_cli_is_not_imported_by_the_package_and_imports_no_torch(files):
     result = python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "0 False"
+
+
+# ----------------------------------------------------------------------------------------
+# grid-divergence
+# ----------------------------------------------------------------------------------------
+
+
+def _grid_files(tmp_path, scale_b=1.0):
+    rng = np.random.default_rng(3)
+    a, b = rng.random((12, 10)), rng.random((12, 10))
+    a, b = a / a.sum(), scale_b * b / b.sum()
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    return a, b, str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
+
+
+def test_grid_divergence_prints_the_library_value(tmp_path, capsys):
+    """The CLI calls grids.sinkhorn on the same arrays: same value to float64 round-off."""
+    from ot_agnostic import grids
+
+    a, b, file_a, file_b = _grid_files(tmp_path)
+    expected = float(grids.sinkhorn_divergence(a, b, blur=1.5, spacing=(0.5, 2.0), tol=1e-6))
+    assert cli.main(["grid-divergence", file_a, file_b, "--blur", "1.5", "--spacing", "0.5", "2.0",
+                     "--tol", "1e-6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["value"] == pytest.approx(expected, rel=1e-12)
+    assert report["converged"] and report["marginal_error"] <= 1e-6 and report["shape"] == [12, 10]
+    assert cli.main(["grid-divergence", file_a, file_b, "--blur", "1.5", "--spacing", "0.5", "2.0"]) == 0
+    assert re.match(r"S_eps = [0-9.e-]+ \(grid 12x10, [0-9.]+ s\)", capsys.readouterr().out)
+
+
+def test_grid_divergence_bad_input_is_one_line(tmp_path, capsys):
+    _, _, file_a, file_b = _grid_files(tmp_path, scale_b=2.0)
+    assert cli.main(["grid-divergence", file_a, file_b, "--blur", "1.0"]) == 2
+    assert "equal total masses" in capsys.readouterr().err
+    assert cli.main(["grid-divergence", file_a, file_b, "--blur", "1.0", "--spacing", "1", "1", "1"]) == 2
+    assert "spacing" in capsys.readouterr().err
+    assert cli.main(["grid-divergence", file_a, str(tmp_path / "missing.npy"), "--blur", "1.0"]) == 2
+    assert "missing.npy" in capsys.readouterr().err
+    (tmp_path / "a.csv").write_text("1,2\n")
+    assert cli.main(["grid-divergence", str(tmp_path / "a.csv"), file_b, "--blur", "1.0"]) == 2
+    assert ".npy" in capsys.readouterr().err
+    assert cli.main(["grid-divergence", file_a, file_b]) == 2
+    assert "--blur" in capsys.readouterr().err
