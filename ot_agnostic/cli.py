@@ -107,6 +107,17 @@ _positive.__name__ = _fraction.__name__ = _tolerance.__name__ = "number"  # argp
 _count.__name__ = "integer"
 
 
+def _add_solver_options(command, tol_help=""):
+    """The options both divergence commands share: --reach, --scaling, --tol, --max-iter."""
+    command.add_argument("--reach", type=_positive, default=None,
+                         help="unbalanced OT with this reach (default: balanced OT)")
+    command.add_argument("--scaling", type=_fraction, default=0.5, help="eps-scaling ratio in (0, 1) (default 0.5)")
+    command.add_argument("--tol", type=_tolerance, default=DEFAULT_TOL, metavar="TOL",
+                         help=f"marginal error to reach (default {DEFAULT_TOL:g}){tol_help}")
+    command.add_argument("--max-iter", type=_count, default=DEFAULT_MAX_ITER, metavar="N",
+                         help=f"at most N Sinkhorn updates at the final eps (default {DEFAULT_MAX_ITER})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ot-agnostic`` argument parser, with its ``divergence`` and ``demo`` subcommands.
 
@@ -128,13 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     div.add_argument("b", metavar="B", help="the second point cloud (a file)")
     div.add_argument("--p", type=int, choices=(1, 2), default=2, help="cost |x - y|^p / p (default 2)")
     div.add_argument("--blur", type=_positive, default=0.05, help="length scale, eps = blur^p (default 0.05)")
-    div.add_argument("--reach", type=_positive, default=None,
-                     help="unbalanced OT with this reach (default: balanced OT)")
-    div.add_argument("--scaling", type=_fraction, default=0.5, help="eps-scaling ratio in (0, 1) (default 0.5)")
-    div.add_argument("--tol", type=_tolerance, default=DEFAULT_TOL, metavar="TOL",
-                     help=f"marginal error to reach (default {DEFAULT_TOL:g}); 'none' runs GeomLoss's fixed schedule")
-    div.add_argument("--max-iter", type=_count, default=DEFAULT_MAX_ITER, metavar="N",
-                     help=f"at most N Sinkhorn updates at the final eps (default {DEFAULT_MAX_ITER})")
+    _add_solver_options(div, tol_help="; 'none' runs GeomLoss's fixed schedule")
     div.add_argument("--backend", default="auto",
                      help="auto, tensorized, online, multiscale, numba, array_api, ... or plugin/method "
                           "such as numba/online (default auto)")
@@ -157,13 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--blur", type=_positive, required=True, help="length scale, eps = blur^2, in spacing units")
     grid.add_argument("--spacing", type=_positive, nargs="+", default=[1.0], metavar="H",
                       help="voxel size: one number, or one per axis (default 1)")
-    grid.add_argument("--reach", type=_positive, default=None,
-                      help="unbalanced OT with this reach (default: balanced OT)")
-    grid.add_argument("--scaling", type=_fraction, default=0.5, help="eps-scaling ratio in (0, 1) (default 0.5)")
-    grid.add_argument("--tol", type=_tolerance, default=DEFAULT_TOL, metavar="TOL",
-                      help=f"marginal error to reach (default {DEFAULT_TOL:g})")
-    grid.add_argument("--max-iter", type=_count, default=DEFAULT_MAX_ITER, metavar="N",
-                      help=f"at most N Sinkhorn updates at the final eps (default {DEFAULT_MAX_ITER})")
+    _add_solver_options(grid)
     grid.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                       help="floating-point precision of the computation (default float64)")
     grid.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
