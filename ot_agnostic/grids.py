@@ -541,7 +541,7 @@ class GridResult(SinkhornResult):
 
     def gradient(self) -> GridGradients:
         """``dS/da``, ``dS/db`` (the densities' shapes): ``f_ba - f_aa``, ``g_ab - g_bb`` when
-        balanced and debiased (see :func:`ot_agnostic.sinkhorn.weight_gradients`)."""
+        balanced and debiased (see ``ot_agnostic.sinkhorn.weight_gradients``)."""
         self._warn_if_unconverged("gradient")
         state = self._state
         xp = state.dens.xp
@@ -703,7 +703,7 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
     ``argmin_c sum_k w_k OT_eps(c, a_k)``, ``C = |x - y|**2 / 2`` on the voxel centres,
     ``eps = blur**2``, by iterative Bregman projections in the log domain (Benamou et al. 2015;
     Solomon et al. 2015, "Convolutional Wasserstein distances"): with ``conv(h)_i =
-    log sum_j exp(h_j - C_ij / eps)`` (the separable softmin of :class:`GridGeometry`),
+    log sum_j exp(h_j - C_ij / eps)`` (the separable softmin of ``GridGeometry``),
 
         F_k = log a_k - conv(G_k),   log c = sum_k w_k conv(F_k),   G_k = log c - conv(F_k).
 
