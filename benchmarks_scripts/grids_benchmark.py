@@ -45,18 +45,11 @@ def make_pair(kind: str, n: int):
     return a / a.sum(), b / b.sum()
 
 
-def _peak_rss_kib() -> int:
+def _proc_status_kib(field: str) -> int:
+    """A memory figure of this process (``VmHWM``: peak resident, ``VmRSS``: now) in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return -1
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
 
@@ -70,14 +63,14 @@ def child(kind, n, dtype, tol):
     small = (slice(0, 16),) * a.ndim
     warm = a[small] + 1e-3
     grids.sinkhorn(warm, warm[::-1].copy(), blur=2.0, tol=0.1)
-    before = _rss_kib()
+    before = _proc_status_kib("VmRSS")
     start = time.perf_counter()
     res = grids.sinkhorn(a, b, blur=2.0, tol=tol, max_iter=10000)
     seconds = time.perf_counter() - start
     print(json.dumps(dict(
         value=float(res.value), seconds=seconds, passes=res.n_softmin, updates=res.n_iter,
         marginal_error=float(res.marginal_error), backend=res.backend,
-        peak_mib_above_inputs=(_peak_rss_kib() - before) / 1024, inputs_mib=2 * a.nbytes / 2**20,
+        peak_mib_above_inputs=(_proc_status_kib("VmHWM") - before) / 1024, inputs_mib=2 * a.nbytes / 2**20,
     )))
 
 

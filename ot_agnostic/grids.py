@@ -26,6 +26,7 @@ always run on the full grid, so the pyramid changes the starting point, not the 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -33,12 +34,13 @@ import numpy as np
 
 from ._array_api import (
     array_namespace, check_same_device, device_memory, device_of, logsumexp, safe_log, stop_gradient,
+    to_float,
 )
 from ._validation import BALANCE_RTOL, _compute_dtypes, check_max_iter, check_positive, check_power, check_scaling, check_tol
 from .sinkhorn import (
-    DEFAULT_MAX_ITER, DEFAULT_TOL, Geometries, Potentials, Precision, SinkhornResult, _sinkhorn_step, anneal,
+    DEFAULT_MAX_ITER, DEFAULT_TOL, ConvergenceWarning, Geometries, Potentials, Precision, SinkhornResult, _sinkhorn_step, anneal,
     convergence_report, dampening, epsilon_schedule, sinkhorn_cost, sinkhorn_loop, warn_if_not_converged,
-    weight_gradients,
+    user_stacklevel, weight_gradients,
 )
 
 __all__ = [
@@ -724,9 +726,6 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
     >>> round(float((np.arange(40) * bar.density).sum()), 1)  # the mean moves half way
     17.0
     """
-    from ._array_api import to_float
-    from .sinkhorn import ConvergenceWarning, user_stacklevel
-
     if isinstance(densities, (list, tuple)):
         if not densities:
             raise ValueError("densities is empty: give at least one density.")
@@ -778,8 +777,6 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
             break
     converged = error <= tol
     if not converged:
-        import warnings
-
         warnings.warn(
             f"barycenter stopped at max_iter={max_iter} with a marginal error of {error:.3g} (tol={tol:g}); "
             "raise max_iter, use a larger blur, or a larger tol.", ConvergenceWarning, stacklevel=user_stacklevel(),
