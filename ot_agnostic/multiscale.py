@@ -32,6 +32,7 @@ from .backends import Method
 from .backends._base import BlockSparsity
 from .clustering import default_cluster_scale, geomloss_cluster_scale, grid_clusters, label_clusters
 from .sinkhorn import (
+    Anderson,
     Geometries,
     Gradients,
     Potentials,
@@ -256,6 +257,7 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
         updates, passes = updates + 1, passes + per_step
     a, b = stop_gradient(problem.a), stop_gradient(problem.b)
     budget = 0 if precision is None else precision.max_iter
+    anderson = Anderson(a, xp=xp)  # one mixing history per geometry: chunks continue it
     while True:
         while budget > 0:
             # Refine on the kept pairs in chunks; after each, keep the pairs the refined
@@ -264,7 +266,8 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
             chunk = Precision(precision.tol, min(budget, RETRUNCATE_EVERY))
             report = None if progress is None else (
                 lambda done, cap, base=total, left=budget: progress(base - 1 + done, base + left))
-            pot, refined, refine_passes = refine(geoms, pot, log_a, log_b, a, b, eps, rho, chunk, xp=xp, progress=report)
+            pot, refined, refine_passes = refine(geoms, pot, log_a, log_b, a, b, eps, rho, chunk, xp=xp,
+                                                 progress=report, anderson=anderson)
             updates, passes, total, budget = updates + refined, passes + refine_passes, total + refined, budget - refined
             wider = None if truncate is None else problem.widen(keeps, pot, eps, dampening(eps, rho), truncate)
             if wider is None and refined < chunk.max_iter:
@@ -272,6 +275,7 @@ def solve_item(problem: MultiscaleProblem, eps_list, rho, jump, truncate, debias
             if wider is not None:
                 keeps = wider
                 geoms = problem.fine_geometries(keeps, stop_gradient(problem.x), stop_gradient(problem.y))
+                anderson = Anderson(a, xp=xp)
         last = Potentials(*(None if v is None else stop_gradient(v) for v in pot))
         tracked = any(requires_grad(t) for t in (problem.x, problem.y))
         if keeps is None:  # GeomLoss: the extrapolation from the clusters is the final step

@@ -144,7 +144,7 @@ def step_errors(before: Potentials, after: Potentials, a, b, eps, *, xp) -> list
 
 
 def refine(geoms: Geometries, pot: Potentials, log_a, log_b, a, b, eps, rho, precision: Precision,
-           *, xp, progress=None):
+           *, xp, progress=None, anderson: Anderson | None = None):
     """Sinkhorn updates at the final ``eps`` until every error is below ``precision.tol``.
 
     ``OT(a, b)`` alternates ``g <- d softmin_x(log a + f / eps)``, ``f <- d softmin_y(log b + g / eps)``
@@ -154,14 +154,16 @@ def refine(geoms: Geometries, pot: Potentials, log_a, log_b, a, b, eps, rho, pre
     so that the measured error is the plan's). The symmetric potentials of ``OT(a, a)``,
     ``OT(b, b)`` take the averaged update ``f <- (f + d softmin(f)) / 2``. Each of the three
     problems, in each batch item, stops when its own error is below ``tol`` (items stop
-    separately). Returns ``(potentials, updates, softmin_passes)``.
+    separately). ``anderson``: the mixing state to continue from (a caller that refines
+    in chunks on the same geometries passes the same one each time, so that the mixing
+    keeps its history), else a fresh one. Returns ``(potentials, updates, softmin_passes)``.
     """
     tol, damping = precision.tol, dampening(eps, rho)
     B = log_a.shape[0]
     f, g, f_aa, g_bb = pot
     active_cross = [True] * B
     active_self = [f_aa is not None] * B
-    anderson = Anderson(a, xp=xp)
+    anderson = Anderson(a, xp=xp) if anderson is None else anderson
     updates = passes = 0
     while updates < precision.max_iter and (any(active_cross) or any(active_self)):
         updates += 1
