@@ -38,7 +38,7 @@ from ._array_api import (
 )
 from ._validation import BALANCE_RTOL, _compute_dtypes, check_max_iter, check_positive, check_power, check_scaling, check_tol
 from .sinkhorn import (
-    DEFAULT_MAX_ITER, DEFAULT_TOL, ConvergenceWarning, Geometries, Potentials, Precision, SinkhornResult, _sinkhorn_step, anneal,
+    Anderson, DEFAULT_MAX_ITER, DEFAULT_TOL, ConvergenceWarning, Geometries, Potentials, Precision, SinkhornResult, _sinkhorn_step, anneal,
     convergence_report, dampening, epsilon_schedule, sinkhorn_cost, sinkhorn_loop, warn_if_not_converged,
     user_stacklevel, weight_gradients,
 )
@@ -387,12 +387,12 @@ def pyramid(a, b, grid: Grid, *, xp, min_size: int = PYRAMID_MIN_SIZE):
     return levels
 
 
-def level_schedule(levels, eps_list) -> list:
+def level_schedule(levels, eps_list, voxels_per_blur: float = PYRAMID_VOXELS_PER_BLUR) -> list:
     """``[(level, [eps, ...]), ...]``, coarse to fine: each temperature on the coarsest level
-    whose voxels are at most ``sqrt(eps) / PYRAMID_VOXELS_PER_BLUR`` wide; the last on level 0."""
+    whose voxels are at most ``sqrt(eps) / voxels_per_blur`` wide; the last on level 0."""
     def level_of(eps):
         blur = math.sqrt(eps)
-        fits = [k for k, (g, _, _) in enumerate(levels) if max(g.spacing) * PYRAMID_VOXELS_PER_BLUR <= blur]
+        fits = [k for k, (g, _, _) in enumerate(levels) if max(g.spacing) * voxels_per_blur <= blur]
         return max(fits) if fits else 0
 
     chosen = [level_of(eps) for eps in eps_list[:-1]] + [0]
@@ -699,7 +699,7 @@ def _barycenter_weights(weights, K):
 
 
 def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, tol=1e-5, max_iter=5000,
-               backend="auto") -> GridBarycenter:
+               scaling=0.5, accelerate=True, backend="auto") -> GridBarycenter:
     r"""Entropic Wasserstein barycenter of ``K`` densities on one grid (convolutional).
 
     ``argmin_c sum_k w_k OT_eps(c, a_k)``, ``C = |x - y|**2 / 2`` on the voxel centres,
@@ -707,16 +707,21 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
     Solomon et al. 2015, "Convolutional Wasserstein distances"): with ``conv(h)_i =
     log sum_j exp(h_j - C_ij / eps)`` (the separable softmin of ``GridGeometry``),
 
-        F_k = log a_k - conv(G_k),   log c = sum_k w_k conv(F_k),   G_k = log c - conv(F_k).
+        log c = sum_k w_k conv(F_k),   G_k = log c - conv(F_k),   F_k = log a_k - conv(G_k).
 
     ``debiased=True``: Janati et al. 2020's debiased barycenter, ``log c`` plus ``log d`` with
     ``d`` the fixed point of ``d = sqrt(d c / K d)`` (ten updates per iteration): sharper, it
-    removes the entropic blur. Stops when every plan's second marginal matches ``c`` to
-    ``tol`` (L1, relative to the mass), at most ``max_iter`` updates (then a ConvergenceWarning).
+    removes the entropic blur. Stops when every plan's marginals match ``a_k`` and ``c`` to
+    ``tol`` (L1, relative to the mass; debiased: and ``d K d = c`` to ``tol``), at most
+    ``max_iter`` updates at the final ``eps`` (then a ConvergenceWarning).
 
-    ``densities``: a ``(K, *grid_shape)`` array (or a list of arrays) of equal masses;
-    POT's ``convolutional_barycenter2d(A, reg)`` on ``(K, H, W)`` images is
-    ``spacing=(1 / (H - 1), 1 / (W - 1))``, ``blur = sqrt(reg / 2)`` here.
+    ``accelerate=True``: eps-scaling (``blur`` times ``scaling`` per step) on a pyramid of
+    coarser grids first, then Anderson-mixed updates (the same fixed point, far fewer
+    updates; debiased: plain updates after the pyramid, mixing makes its ``d`` oscillate);
+    ``False``: the plain updates from zero, as POT. ``n_iter`` counts the updates on the full
+    grid at the final ``eps`` (those ``max_iter`` bounds), not the coarse levels'. ``densities``: a ``(K, *grid_shape)``
+    array (or a list of arrays) of equal masses; POT's ``convolutional_barycenter2d(A, reg)``
+    on ``(K, H, W)`` images is ``spacing=(1 / (H - 1), 1 / (W - 1))``, ``blur = sqrt(reg / 2)`` here.
 
     Examples
     --------
@@ -736,10 +741,10 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
     tol, max_iter = check_tol(tol), check_max_iter(max_iter)
     if tol is None:
         raise ValueError("barycenter needs a tol (the marginal error to reach, e.g. 1e-5).")
+    scaling = check_scaling(scaling)
     dens = validate_densities(densities, densities, batch=True, spacing=spacing, balanced=False)
     xp, grid = dens.xp, dens.grid
     A = stop_gradient(dens.a)
-    K = A.shape[0]
     masses = [to_float(m) for m in xp.sum(A, axis=1)]
     rtol = BALANCE_RTOL[8 if A.dtype == xp.float64 else 4]
     for k, m in enumerate(masses):
@@ -748,39 +753,179 @@ def barycenter(densities, weights=None, *, blur, spacing=1.0, debiased=False, to
                 f"the densities must have equal masses: density 0 has {masses[0]:.6g}, density {k} has "
                 f"{m:.6g}. Normalise them (a / a.sum()) first."
             )
-    lam = _barycenter_weights(weights, K)
-    convolver = _convolver(backend, A, xp)
+    ibp = _IBP(A, _barycenter_weights(weights, A.shape[0]), debiased, _convolver(backend, A, xp), xp)
     eps = blur**2
-    geom = GridGeometry(grid, grid, K, convolver, xp=xp, like=A)
-    single = GridGeometry(grid, grid, 1, convolver, xp=xp, like=A)
-
-    def conv(geometry, h):
-        return -geometry.softmin(eps, h) / eps
-
-    log_a = safe_log(A, xp=xp)
-    G = xp.zeros_like(log_a)
-    log_d = xp.zeros_like(log_a[:1])
-    error, updates = math.inf, 0
-    while updates < max_iter:
-        updates += 1
-        log_ku = conv(geom, log_a - conv(geom, G))
-        log_c = sum(w * log_ku[k:k + 1] for k, w in enumerate(lam))
-        if debiased:
-            log_c = log_c + log_d
-            for _ in range(10):
-                log_d = 0.5 * (log_d + log_c - conv(single, log_d))
-        bar = xp.exp(log_c)
-        marginals = xp.exp(G + log_ku)
-        error = max(to_float(xp.sum(xp.abs(marginals[k] - bar[0]))) for k in range(K)) / masses[0]
-        G = log_c - log_ku
-        if error <= tol:
-            break
+    if accelerate:
+        state = ibp.anneal(grid, epsilon_schedule(2, grid.diameter, blur, scaling), tol)
+    else:
+        state = ibp.start(grid, A, eps)
+    state, error, updates = ibp.refine(state, grid, A, eps, tol, max_iter, mix=accelerate and not debiased)
     converged = error <= tol
     if not converged:
         warnings.warn(
             f"barycenter stopped at max_iter={max_iter} with a marginal error of {error:.3g} (tol={tol:g}); "
             "raise max_iter, use a larger blur, or a larger tol.", ConvergenceWarning, stacklevel=user_stacklevel(),
         )
-    density = xp.reshape(bar[0], grid.shape)
+    density = xp.reshape(xp.exp(state.log_c[0]), grid.shape)
     density = xp.astype(density, dens.out_dtype) if density.dtype != dens.out_dtype else density
     return GridBarycenter(density, float(error), updates, bool(converged))
+
+
+#: The accelerated barycenter refines each temperature before the last with at most this
+#: many updates, to this error (the last temperature of a coarse level: to ``tol``).
+COARSE_MAX_ITER = 200
+INTERMEDIATE_TOL = 0.1
+#: ... and solves the final ``eps`` first on voxels up to ``blur / this`` wide (2 blur): a
+#: coarse grid's solution at the final eps is a far better start than one at a larger eps.
+BARYCENTER_VOXELS_PER_BLUR = 0.5
+
+
+class _IBPState(NamedTuple):
+    """Iterative Bregman projections on one level: ``F`` (``(K, n)``, ``-inf`` off the supports),
+    ``G`` and ``log c`` of the last update, ``log d`` (debiased; else None)."""
+
+    F: Any
+    G: Any
+    log_c: Any
+    log_d: Any
+
+
+class _IBP:
+    """The updates of :func:`barycenter` on any level of the pyramid of the densities ``A``."""
+
+    def __init__(self, A, lam, debiased, convolver, xp):
+        self.A, self.lam, self.debiased, self.convolver, self.xp = A, lam, debiased, convolver, xp
+
+    def conv(self, x_grid, y_grid, eps, h):
+        geom = GridGeometry(x_grid, y_grid, h.shape[0], self.convolver, xp=self.xp, like=self.A)
+        return geom._log_convolve(eps, h)
+
+    def step(self, state: _IBPState, grid, log_a, eps) -> _IBPState:
+        """``F -> (log c, G) -> F_new``: one update of all ``K`` plans (and of ``d``)."""
+        log_ku = self.conv(grid, grid, eps, state.F)
+        log_c = sum(w * log_ku[k:k + 1] for k, w in enumerate(self.lam))
+        log_d = state.log_d
+        if self.debiased:
+            log_c = log_c + log_d
+            for _ in range(10):
+                log_d = 0.5 * (log_d + log_c - self.conv(grid, grid, eps, log_d))
+        G = log_c - log_ku
+        return _IBPState(log_a - self.conv(grid, grid, eps, G), G, log_c, log_d)
+
+    def start(self, grid, a, eps) -> _IBPState:
+        """The first half-update from ``G = 0`` (and ``log d = 0``), as POT."""
+        xp = self.xp
+        log_a = safe_log(a, xp=xp)
+        zeros = xp.zeros_like(log_a)
+        return _IBPState(log_a - self.conv(grid, grid, eps, zeros), zeros, None,
+                         zeros[:1] if self.debiased else None)
+
+    def anneal(self, grid, eps_list, tol) -> _IBPState:
+        """eps-scaling coarse to fine on the pyramid of the densities; each temperature is
+        refined (to ``INTERMEDIATE_TOL``; the last one of a level to ``tol``), and the final
+        ``eps`` is solved first on the coarsest level whose voxels are at most ``2 blur``
+        wide, then on every finer one. A new level starts from ``F = log a - conv(G)``, ``G``
+        on the coarser grid (one softmin). Returns the start of the full grid's refinement."""
+        levels = pyramid(self.A, self.A, grid, xp=self.xp)
+        eps = eps_list[-1]
+        groups = level_schedule(levels, [*eps_list, eps], BARYCENTER_VOXELS_PER_BLUR)
+        finest_coarse = groups[-2][0] if len(groups) > 1 else 0
+        groups = groups[:-1] + [(level, [eps]) for level in range(finest_coarse - 1, 0, -1)] + groups[-1:]
+        state, previous = None, None
+        for index, (level, eps_group) in enumerate(groups):
+            g, a = levels[level][0], levels[level][1]
+            if state is None:
+                state = self.start(g, a, eps_group[0])
+            else:
+                coarse, last_eps = previous
+                F = safe_log(a, xp=self.xp) - self.conv(g, coarse, last_eps, state.G)
+                log_d = None if state.log_d is None else _spread(state.log_d, coarse, g, self.xp)
+                state = _IBPState(F, None, None, log_d)
+            final_level = index == len(groups) - 1
+            temperatures = eps_group[:-1] if final_level else eps_group
+            for i, t in enumerate(temperatures):
+                level_tol = tol if i == len(temperatures) - 1 and not final_level else max(tol, INTERMEDIATE_TOL)
+                state = self.refine(state, g, a, t, level_tol, COARSE_MAX_ITER, mix=not self.debiased)[0]
+            previous = (g, eps_group[-1])
+        return state
+
+    def refine(self, state: _IBPState, grid, a, eps, tol, max_iter, *, mix):
+        """Updates at ``eps`` on the full grid until the error is below ``tol``; with ``mix``,
+        Anderson-mixed (see :class:`~ot_agnostic.sinkhorn.Anderson`) on ``(F, log d)``.
+        Returns ``(state, error, updates)``: ``state.log_c`` is the barycenter of plans
+        ``(F, G)`` whose ``c``-marginals are exact and whose ``a_k``-marginals are off by ``error``."""
+        xp = self.xp
+        log_a = safe_log(a, xp=xp)
+        support = a > 0
+        lam = xp.asarray(self.lam, dtype=a.dtype, device=device_of(a))[:, None]
+        weights = xp.reshape(a * lam, (1, -1)) / xp.sum(a[0])
+        anderson, error, updates, current = None, math.inf, 0, state
+        while updates < max_iter:
+            updates += 1
+            new = self.step(current, grid, log_a, eps)
+            error = self.error(current, new, grid, a, eps)
+            if error <= tol or updates == max_iter:
+                return _IBPState(current.F, new.G, new.log_c, new.log_d), error, updates
+            if not mix:
+                current = new
+                continue
+            if anderson is None:
+                mass = to_float(xp.sum(xp.exp(new.log_c)))
+                extra = () if new.log_d is None else (xp.exp(new.log_c) / mass,)
+                anderson = Anderson(xp.concat([weights, *extra], axis=1), xp=xp)
+            mixed, _ = anderson.mix(self.pack(current, support), self.pack(new, support), [True])
+            current = self.unpack(mixed, new, support, log_a)
+        return current, error, updates
+
+    def error(self, before: _IBPState, after: _IBPState, grid, a, eps) -> float:
+        """L1 error of the ``a_k``-marginals of the plans ``(F, G_new)`` (relative to the mass),
+        and (debiased) of ``d K d = c``: the residual ``exp(F - F_new) - 1`` weighted by ``a``."""
+        xp = self.xp
+        errors = _relative_l1(a, xp.where(a > 0, before.F - after.F, xp.zeros_like(a)), xp)
+        error = to_float(xp.max(errors))
+        if self.debiased:
+            residual = after.log_d + self.conv(grid, grid, eps, after.log_d) - after.log_c
+            error = max(error, to_float(_relative_l1(xp.exp(after.log_c), residual, xp)[0]))
+        return error
+
+    def pack(self, state: _IBPState, support):
+        xp = self.xp
+        parts = [xp.reshape(xp.where(support, state.F, xp.zeros_like(state.F)), (1, -1))]
+        return xp.concat(parts + ([] if state.log_d is None else [state.log_d]), axis=1)
+
+    def unpack(self, z, template: _IBPState, support, log_a) -> _IBPState:
+        xp = self.xp
+        K, n = support.shape
+        F = xp.where(support, xp.reshape(z[:, :K * n], (K, n)), log_a)
+        return _IBPState(F, template.G, template.log_c, None if template.log_d is None else z[:, K * n:])
+
+
+def _relative_l1(w, log_ratio, xp):
+    """``(B,)`` values ``sum_i w_i |exp(log_ratio_i) - 1| / sum_i w_i`` (ratios capped at ``e**50``)."""
+    capped = xp.where(log_ratio > 50.0, xp.asarray(50.0, dtype=log_ratio.dtype, device=device_of(w)), log_ratio)
+    return xp.sum(w * xp.abs(xp.expm1(capped)), axis=1) / xp.sum(w, axis=1)
+
+
+def _spread(v, coarse: Grid, fine: Grid, xp):
+    """``log d`` from a coarse level to the finer one: linear interpolation between the
+    coarse voxel centres (a fine voxel ``i`` sits at coarse coordinate ``(i - 1/2) / 2``),
+    minus ``log 2`` per merged axis (the parent's mass shared by its children). Smooth on
+    purpose: a blocky ``d`` would survive in the debiased barycenter, whose objective hardly
+    sees patterns finer than ``blur``."""
+    B = v.shape[0]
+    img = xp.reshape(v, (B, *coarse.shape))
+    merged = 0
+    for k, (nc, nf) in enumerate(zip(coarse.shape, fine.shape)):
+        if nc == nf:
+            continue
+        merged += 1
+        t = np.clip((np.arange(nf) - 0.5) / 2, 0, nc - 1)
+        low = np.minimum(np.floor(t).astype(np.int64), max(nc - 2, 0))
+        frac = t - low
+        shape = [1] * img.ndim
+        shape[k + 1] = nf
+        w = xp.reshape(xp.asarray(frac, dtype=v.dtype, device=device_of(v)), tuple(shape))
+        below = xp.take(img, xp.asarray(low, device=device_of(v)), axis=k + 1)
+        above = xp.take(img, xp.asarray(np.minimum(low + 1, nc - 1), device=device_of(v)), axis=k + 1)
+        img = below + w * (above - below)
+    return xp.reshape(img, (B, -1)) - merged * _LN2
