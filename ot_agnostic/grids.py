@@ -331,14 +331,24 @@ def _check_memory(a, B, grid, itemsize):
 
 
 def _convolver(backend, like, xp):
-    """``(convolver, name)`` for ``backend`` in ``"auto"``, ``"numba"``, ``"array_api"``."""
+    """The convolver for ``backend`` in ``"auto"``, ``"numba"``, ``"numba_cuda"``, ``"array_api"``.
+
+    ``"auto"``: NumPy arrays and torch CPU tensors (float32/float64) run the Numba CPU kernel,
+    CuPy arrays and torch CUDA tensors the Numba CUDA kernel when it passes its self-test on
+    their device (:mod:`ot_agnostic.backends.grid_cuda`; else one logged warning), everything
+    else the pure Array API path."""
+    from .backends import grid_cuda
     from .backends.numba_cpu import is_torch_cpu
 
-    if backend not in ("auto", "numba", "array_api"):
+    if backend not in ("auto", "numba", "numba_cuda", "array_api"):
         raise ValueError(
             f"unknown grid backend {backend!r}: choose 'auto', 'numba' (NumPy arrays, torch CPU "
-            "tensors) or 'array_api' (any array library and device)."
+            "tensors), 'numba_cuda' (CuPy arrays, torch CUDA tensors) or 'array_api' (any array "
+            "library and device)."
         )
+    if backend == "numba_cuda" or (backend == "auto" and grid_cuda.is_gpu_array(like)):
+        convolver = grid_cuda.BACKEND.convolver(like, xp, required=backend == "numba_cuda")
+        return convolver if convolver is not None else ArrayAPIConvolver(xp)
     numba_takes = (isinstance(like, np.ndarray) or is_torch_cpu(like)) and str(like.dtype).endswith(
         ("float32", "float64"))
     if backend == "numba" and not numba_takes:
@@ -593,7 +603,8 @@ def sinkhorn(a, b, *, blur, reach=None, scaling=0.5, debias=True, spacing=1.0, b
     batch : whether the first axis indexes a batch of densities.
     tol, max_iter : the precision asked for and the cap on refinement updates, as in
         :func:`ot_agnostic.sinkhorn` (``tol=None``: the fixed eps-scaling schedule).
-    backend : "auto", "numba" (NumPy arrays, torch CPU tensors) or "array_api" (any library).
+    backend : "auto", "numba" (NumPy arrays, torch CPU tensors), "numba_cuda" (CuPy arrays,
+        torch CUDA tensors) or "array_api" (any library).
     pyramid : run the large temperatures on coarser grids (see the module docstring).
 
     Returns

@@ -9,7 +9,8 @@
 #    (see docs/backends.rst, "GPU check"); they are installed with --no-index into a
 #    private folder. ot_agnostic itself runs from this checkout (PYTHONPATH), no install.
 # 2. Tests on the GPU: tests/test_cupy.py (CuPy + Numba CUDA), tests/test_torch_cuda.py
-#    (torch + Numba CUDA, torch + KeOps, the "auto" rule, refusals); junit XML and log.
+#    (torch + Numba CUDA, torch + KeOps, the "auto" rule, refusals), tests/test_grid_gpu.py
+#    (the grid solvers on the Numba CUDA grid kernel); junit XML and log.
 # 3. Benchmark: divergence + gradient, N = M = 10k, 100k, 1M, D = 3, float32 (ours on
 #    CuPy, ours on torch with KeOps and with Numba CUDA, GeomLoss online and multiscale),
 #    benchmarks_scripts/torch_backends_vs_geomloss.py --device cuda, into gpu_table.json.
@@ -80,7 +81,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 log "tests on the GPU"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-    tests/test_cupy.py tests/test_torch_cuda.py --junitxml="$RESULTS/gpu_tests.xml" \
+    tests/test_cupy.py tests/test_torch_cuda.py tests/test_grid_gpu.py --junitxml="$RESULTS/gpu_tests.xml" \
     >"$RESULTS/gpu_tests.log" 2>&1
 tests_status=$?
 tail -n 25 "$RESULTS/gpu_tests.log"
